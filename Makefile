@@ -1,0 +1,35 @@
+# The two commands a fresh machine needs:  make run  (the main job)  and  make test.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is installed first and pinned, so that the rest of the install never pulls another build
+TORCH ?= torch==2.13.0
+
+.PHONY: run test install dev bench clean
+
+$(VENV)/.core: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip show torch >/dev/null 2>&1 || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.core
+	$(PY) -m pip install -q -e '.[dev,plot]'
+	touch $@
+
+install: $(VENV)/.core
+dev: $(VENV)/.dev
+
+run: $(VENV)/.dev
+	$(VENV)/bin/herd run
+
+test: $(VENV)/.dev
+	$(PY) -m pytest tests
+
+bench: $(VENV)/.dev
+	$(PY) benchmarks/cpu_generate.py
+	$(PY) benchmarks/cpu_train_step.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

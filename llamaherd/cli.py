@@ -1,0 +1,61 @@
+"""`herd`: the command line. It parses arguments and calls library functions, nothing more.
+
+Each area of the library registers its own subcommands (a ``register(subparsers)`` function in
+its ``cli`` module), so this file stays a short list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from llamaherd.errors import HerdError
+
+# modules with a `register(subparsers)` function, in the order their commands are listed
+COMMAND_MODULES = [
+    "llamaherd.checkpoint.cli",  # convert, info
+    "llamaherd.generation_cli",  # generate, chat
+    "llamaherd.tokenizer.cli",  # tokenizer encode/decode/train
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from llamaherd import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="herd",
+        description="llamaherd: the Llama 3 system on PyTorch, from raw text to a guarded chat server.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"llamaherd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except HerdError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        # a path problem the library did not phrase itself: still one line, naming the file
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Text generation with a static KV cache: greedy, temperature, top-k, top-p; batches; streaming.
+
+A batch of prompts of different lengths is decoded as in Meta's reference: the cache is filled
+with the shortest prompt, then one position at a time for every row, where a row still inside its
+own prompt takes the prompt's token instead of the sampled one. All rows share one position, so
+one static cache and one causal mask serve the whole batch.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Callable, Sequence
+
+import torch
+
+from llamaherd.errors import HerdError
+
+_COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, Callable]" = weakref.WeakKeyDictionary()
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token per row from logits [B, vocab]: argmax at temperature 0, else a filtered sample."""
+    if temperature <= 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        cumulative = sorted_probs.cumsum(dim=-1)
+        sorted_probs = sorted_probs.masked_fill(cumulative - sorted_probs > top_p, 0.0)  # keep the nucleus
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _decoder(model: torch.nn.Module, compile: bool) -> Callable:
+    """The callable for one-token decode steps: the model itself, or a CUDA-graphed compiled copy."""
+    if not compile:
+        return model
+    if model not in _COMPILED:
+        _COMPILED[model] = torch.compile(model, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    return _COMPILED[model]
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int | None = None,
+    seed: int | None = None,
+    stop_tokens: Sequence[int] | None = None,
+    on_token: Callable[[int, int], None] | None = None,
+    compile: bool = False,
+) -> list[list[int]]:
+    """Continue each prompt (a list of token ids); return the new token ids per prompt.
+
+    A row stops after ``max_new_tokens`` new tokens or at its first stop token (included in its
+    output). ``on_token(row, token_id)`` is called for every new token as it is produced.
+    ``compile`` decodes through ``torch.compile`` with CUDA graphs (for GPUs; the first call compiles).
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise HerdError("generate: every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise HerdError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not (0.0 < top_p <= 1.0) or (top_k is not None and top_k < 1) or temperature < 0:
+        raise HerdError(f"generate: need temperature >= 0, 0 < top_p <= 1, top_k >= 1; got "
+                        f"{temperature}, {top_p}, {top_k}")
+    max_seq_len = model.args.max_seq_len
+    longest, shortest = max(len(p) for p in prompts), min(len(p) for p in prompts)
+    if longest >= max_seq_len:
+        raise HerdError(f"generate: a prompt of {longest} tokens does not fit the context of {max_seq_len} tokens "
+                        "(it must leave room for at least one new token)")
+    vocab = model.args.vocab_size
+    if any(t < 0 or t >= vocab for p in prompts for t in p):
+        raise HerdError(f"generate: prompt token ids must be in [0, {vocab})")
+
+    device = model.tok_embeddings.weight.device
+    batch, total_len = len(prompts), min(max_seq_len, longest + max_new_tokens)
+    tokens = torch.zeros(batch, total_len, dtype=torch.long, device=device)
+    in_prompt = torch.zeros(batch, total_len, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.tensor(list(p), dtype=torch.long, device=device)
+        in_prompt[i, : len(p)] = True
+    prompt_len = torch.tensor([len(p) for p in prompts], device=device)
+    stops = torch.tensor(sorted(set(stop_tokens or [])), dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+
+    model.setup_cache(batch, total_len)
+    decode = _decoder(model, compile)
+    try:
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
+        out: list[list[int]] = [[] for _ in range(batch)]
+        kv_len = None if compile else shortest
+        logits = model(tokens[:, :shortest], input_pos=torch.arange(shortest, device=device), kv_len=kv_len,
+                       last_only=True)
+        for cur in range(shortest, total_len):
+            nxt = sample(logits[:, -1], temperature, top_p, top_k, generator)
+            nxt = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
+            tokens[:, cur] = nxt
+            new = ~in_prompt[:, cur] & ~done
+            done |= new & (torch.isin(nxt, stops) | (cur + 1 - prompt_len >= max_new_tokens))
+            for i in new.nonzero().flatten().tolist():
+                out[i].append(int(nxt[i]))
+                if on_token is not None:
+                    on_token(i, out[i][-1])
+            if bool(done.all()) or cur + 1 == total_len:
+                break
+            kv_len = None if compile else cur + 1
+            logits = decode(nxt[:, None].clone(), input_pos=torch.tensor([cur], device=device), kv_len=kv_len)
+        return out
+    finally:
+        model.clear_cache()

@@ -1,0 +1,91 @@
+"""generate(): greedy equals argmax of full forwards, batches of ragged prompts, sampling, stops, errors."""
+
+import pytest
+import torch
+
+from llamaherd.errors import HerdError
+from llamaherd.generation import generate, sample
+from llamaherd.model import ModelArgs, Transformer
+
+ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, multiple_of=32, max_seq_len=96)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = Transformer(ARGS)
+    m.init_weights(seed=0, std=0.2)  # large weights: varied, non-repeating greedy output
+    return m.eval()
+
+
+def prompt(n, seed):
+    return torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def greedy_by_full_forward(model, ids, n):
+    ids = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[-n:]
+
+
+def test_greedy_matches_full_forward_argmax(model):
+    p = prompt(13, 0)
+    assert generate(model, [p], max_new_tokens=20) == [greedy_by_full_forward(model, p, 20)]
+
+
+def test_batch_of_ragged_prompts_equals_one_by_one(model):
+    prompts = [prompt(n, n) for n in (3, 17, 9, 30)]
+    batched = generate(model, prompts, max_new_tokens=12)
+    assert batched == [generate(model, [p], max_new_tokens=12)[0] for p in prompts]
+    assert all(len(o) == 12 for o in batched)
+
+
+def test_stop_tokens_end_each_row_separately(model):
+    p = prompt(10, 5)
+    free = generate(model, [p], max_new_tokens=15)[0]
+    stop = free[4]
+    first = free.index(stop)
+    out = generate(model, [p, prompt(6, 6)], max_new_tokens=15, stop_tokens=[stop])
+    assert out[0] == free[: first + 1]  # the stop token is included, nothing after it
+    assert len(out[1]) <= 15
+
+
+def test_streaming_callback_sees_every_new_token_in_order(model):
+    seen = {0: [], 1: []}
+    out = generate(model, [prompt(4, 1), prompt(11, 2)], max_new_tokens=9,
+                   on_token=lambda row, tok: seen[row].append(tok))
+    assert [seen[0], seen[1]] == out
+
+
+def test_sampling_is_seeded_and_respects_top_k(model):
+    p = prompt(8, 3)
+    a = generate(model, [p], max_new_tokens=20, temperature=1.0, top_p=0.95, seed=7)
+    b = generate(model, [p], max_new_tokens=20, temperature=1.0, top_p=0.95, seed=7)
+    c = generate(model, [p], max_new_tokens=20, temperature=1.0, top_p=0.95, seed=8)
+    assert a == b and a != c
+    assert generate(model, [p], max_new_tokens=10, temperature=5.0, top_k=1, seed=1) == \
+        generate(model, [p], max_new_tokens=10)  # top-1 sampling is greedy
+
+
+def test_sample_filters():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    gen = torch.Generator().manual_seed(0)
+    draws = {int(sample(logits, 1.0, top_k=2, generator=gen)) for _ in range(200)}
+    assert draws == {2, 3}
+    peaked = torch.tensor([[0.0, 0.0, 10.0, 0.0]])
+    assert {int(sample(peaked, 1.0, top_p=0.5, generator=gen)) for _ in range(50)} == {2}
+    assert int(sample(logits, 0.0)) == 3
+
+
+def test_context_overflow_and_bad_prompts_are_clear_errors(model):
+    with pytest.raises(HerdError, match="does not fit the context of 96"):
+        generate(model, [prompt(96, 0)], max_new_tokens=4)
+    with pytest.raises(HerdError, match="at least one token"):
+        generate(model, [[]], max_new_tokens=4)
+    with pytest.raises(HerdError, match=r"\[0, 300\)"):
+        generate(model, [[5, 300]], max_new_tokens=4)
+    # generation stops at the context limit instead of overflowing it
+    out = generate(model, [prompt(90, 0)], max_new_tokens=50)
+    assert len(out[0]) == 6
