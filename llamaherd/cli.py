@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "llamaherd.checkpoint.cli",  # convert, info
     "llamaherd.generation_cli",  # generate, chat
     "llamaherd.tokenizer.cli",  # tokenizer encode/decode/train
+    "llamaherd.data.cli",  # data clean/pack/inspect
 ]
 
 

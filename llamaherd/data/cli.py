@@ -1,0 +1,86 @@
+"""`herd data ...`: pack documents into token shards, inspect a packed dataset (and curate, when present)."""
+
+from __future__ import annotations
+
+import argparse
+
+from llamaherd.data.pack import DEFAULT_SHARD_TOKENS
+
+_FMT = argparse.ArgumentDefaultsHelpFormatter
+
+
+def register(sub) -> None:
+    data = sub.add_parser("data", help="prepare training data: clean, pack, inspect", formatter_class=_FMT)
+    data.set_defaults(func=lambda args: data.print_help() or 2)
+    data_sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+
+    p = data_sub.add_parser(
+        "pack",
+        help="tokenize documents into sharded token files for pretraining",
+        description="Tokenize documents (each as bos + tokens + eos) and pack them into shard_*.bin token "
+        "files with a document index and meta.json. The output appears only once the pack is complete.",
+        formatter_class=_FMT,
+    )
+    p.add_argument("--tokenizer", required=True, metavar="PATH", help="tokenizer file")
+    p.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        metavar="INPUT",
+        help="txt/jsonl/parquet files, directories, globs, or stdlib:train / stdlib:val",
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--text-field", default="text", help="field holding the text in jsonl/parquet records")
+    p.add_argument("--threads", type=int, default=0, help="tokenizer threads; 0: one per core")
+    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="most tokens per shard")
+    p.add_argument("--overwrite", action="store_true", help="replace a packed dataset already in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
+    p.set_defaults(func=cmd_pack)
+
+    p = data_sub.add_parser("inspect", help="show a packed dataset's metadata", formatter_class=_FMT)
+    p.add_argument("dir", metavar="DIR", help="packed dataset directory")
+    p.set_defaults(func=cmd_inspect)
+
+    try:
+        from llamaherd.data.prepare import add_cli
+    except ModuleNotFoundError as e:  # `herd data clean` not written yet; anything else missing is a bug
+        if e.name != "llamaherd.data.prepare":
+            raise
+    else:
+        add_cli(data_sub)
+
+
+def cmd_pack(args) -> int:
+    from llamaherd.data.pack import pack_documents
+    from llamaherd.data.sources import read_documents
+    from llamaherd.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_file(args.tokenizer)
+    pack_documents(
+        read_documents(args.input, text_field=args.text_field),
+        tokenizer,
+        args.out,
+        shard_tokens=args.shard_tokens,
+        num_threads=args.threads,
+        tokenizer_file=args.tokenizer,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from llamaherd.data.pack import PackedDataset
+
+    ds = PackedDataset(args.dir)
+    mean = ds.n_tokens / max(ds.n_docs, 1)
+    print(f"dataset     {ds.path}")
+    print(f"tokens      {ds.n_tokens:,}")
+    print(f"docs        {ds.n_docs:,} (mean {mean:,.1f} tokens, longest {int(ds.doc_len.max()):,})")
+    print(f"dtype       {ds.dtype.name}")
+    print(f"vocab size  {ds.vocab_size:,} (bos {ds.bos_id}, eos {ds.eos_id})")
+    print(f"tokenizer   sha256 {ds.meta.get('tokenizer_sha256') or 'not recorded'}")
+    print(f"shards      {len(ds.shards)}")
+    for s in ds.meta["shards"]:
+        print(f"  {s['file']}  {s['n_tokens']:,} tokens  {s['n_docs']:,} docs")
+    return 0
