@@ -1,0 +1,193 @@
+"""Raw text in: documents from files, directories, globs, or the embedded stdlib corpus.
+
+Formats, by file name: ``.txt`` (one document per file, UTF-8), ``.jsonl`` (one JSON object per
+line, the text in ``text_field``; an ``id`` field, when present, becomes the document id) and
+``.parquet`` (a ``text_field`` column; needs pyarrow), each optionally compressed as ``.gz`` or
+``.zst`` (needs zstandard). Directories are walked and globs expanded in sorted order, so the same
+inputs always give the same documents in the same order. The input name ``stdlib`` (the train
+split), ``stdlib:train``, ``stdlib:val`` or ``stdlib:all`` is the embedded corpus of
+``llamaherd.data.stdlib_corpus``; a file of that name can be given as ``./stdlib``.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import importlib
+import io
+import json
+import os
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from llamaherd.errors import HerdError
+
+FORMATS = (".txt", ".jsonl", ".parquet")
+COMPRESSIONS = (".gz", ".zst")
+STDLIB_SPLITS = {"stdlib": "train", "stdlib:train": "train", "stdlib:val": "val", "stdlib:all": "all"}
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str  # unique within its source: a file path, path:line, or the record's own id
+    text: str
+    source: str  # the file (or stdlib:code / stdlib:prose) it came from
+
+
+def file_format(path: str | Path) -> tuple[str, str] | None:
+    """(format, compression) from a file name, e.g. ``("jsonl", ".gz")``; None if not a data file."""
+    name = str(path).lower()
+    compression = next((c for c in COMPRESSIONS if name.endswith(c)), "")
+    name = name[: len(name) - len(compression)]
+    fmt = next((f for f in FORMATS if name.endswith(f)), None)
+    return (fmt[1:], compression) if fmt else None
+
+
+def _walk(directory: str) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(directory):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith(".") and file_format(f)]
+    return found
+
+
+def resolve_inputs(inputs: str | Path | Iterable[str | Path]) -> list[str]:
+    """Expand inputs into an ordered list of files and ``stdlib:*`` names; HerdError for anything unusable."""
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]
+    resolved = []
+    for item in map(str, inputs):
+        if item in STDLIB_SPLITS:
+            resolved.append(item)
+        elif os.path.isdir(item):
+            files = _walk(item)
+            if not files:
+                raise HerdError(f"{item}: directory has no {'/'.join(FORMATS)} files (optionally .gz/.zst)")
+            resolved += files
+        elif os.path.isfile(item):
+            if not file_format(item):
+                raise HerdError(f"{item}: unknown format; expected a {'/'.join(FORMATS)} file, optionally .gz/.zst")
+            resolved.append(item)
+        elif glob.has_magic(item):
+            files = []
+            for match in sorted(glob.glob(item, recursive=True)):
+                files += _walk(match) if os.path.isdir(match) else [match] if file_format(match) else []
+            if not files:
+                raise HerdError(f"{item}: pattern matches no {'/'.join(FORMATS)} files (optionally .gz/.zst)")
+            resolved += files
+        else:
+            raise HerdError(f"{item}: no such file or directory (nor 'stdlib', 'stdlib:train', 'stdlib:val')")
+    if not resolved:
+        raise HerdError("no inputs given: expected files, directories, globs or 'stdlib'")
+    return resolved
+
+
+def read_documents(inputs: str | Path | Iterable[str | Path], text_field: str = "text") -> Iterator[Document]:
+    """Documents from every input in order. Paths are checked now; file contents as they are read."""
+    files = resolve_inputs(inputs)
+    return _read_all(files, text_field)
+
+
+def _read_all(files: list[str], text_field: str) -> Iterator[Document]:
+    n = 0
+    for item in files:
+        if item in STDLIB_SPLITS:
+            from llamaherd.data.stdlib_corpus import stdlib_documents
+
+            docs = stdlib_documents(STDLIB_SPLITS[item])
+        else:
+            docs = _read_file(item, text_field)
+        for doc in docs:
+            n += 1
+            yield doc
+    if n == 0:
+        raise HerdError(f"no documents in {', '.join(files)}")
+
+
+def _need(module: str, path: str):
+    """Import an optional dependency, or say in one line which package reading ``path`` needs."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package = module.split(".")[0]
+        raise HerdError(f"{path}: reading this file needs the {package} package (pip install {package})") from None
+
+
+def _read_file(path: str, text_field: str) -> Iterator[Document]:
+    fmt, compression = file_format(path)
+    broken: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error)  # raised while reading
+    if compression == ".zst":
+        zstandard = _need("zstandard", path)
+        broken += (zstandard.ZstdError,)
+    if fmt == "parquet":
+        _need("pyarrow.parquet", path)
+        broken += (_need("pyarrow", path).ArrowException,)
+    try:
+        if compression == ".gz":
+            f = gzip.open(path, "rb")
+        elif compression == ".zst":
+            f = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
+        else:
+            f = open(path, "rb")
+        with f:
+            if fmt == "txt":
+                yield Document(id=path, text=_utf8(f.read(), path), source=path)
+            elif fmt == "jsonl":
+                yield from _read_jsonl(f, path, text_field)
+            else:  # Parquet needs a seekable file
+                yield from _read_parquet(io.BytesIO(f.read()) if compression else f, path, text_field)
+    except broken as e:
+        raise HerdError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+
+
+def _utf8(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise HerdError(f"{where}: invalid UTF-8 at byte {e.start}; expected UTF-8 text") from None
+
+
+def _read_jsonl(f, path: str, text_field: str) -> Iterator[Document]:
+    for lineno, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(_utf8(line, where))
+        except ValueError as e:
+            raise HerdError(f"{where}: invalid JSON ({e}); expected one JSON object per line") from None
+        if not isinstance(obj, dict):
+            raise HerdError(f"{where}: a JSON {type(obj).__name__}; expected an object with a {text_field!r} field")
+        if text_field not in obj:
+            has = ", ".join(map(repr, list(obj)[:8])) or "none"
+            raise HerdError(f"{where}: no {text_field!r} field (fields: {has}); expected the text there (--text-field)")
+        text = obj[text_field]
+        if not isinstance(text, str):
+            raise HerdError(f"{where}: field {text_field!r} is a {type(text).__name__}; expected a string")
+        doc_id = obj.get("id")
+        yield Document(id=str(doc_id) if isinstance(doc_id, (str, int)) else where, text=text, source=path)
+
+
+def _read_parquet(f, path: str, text_field: str) -> Iterator[Document]:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(f)
+    names = pf.schema_arrow.names
+    if text_field not in names:
+        raise HerdError(f"{path}: no column {text_field!r} (columns: {', '.join(names)}); expected the text there")
+    kind = pf.schema_arrow.field(text_field).type
+    if not (pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind)):
+        raise HerdError(f"{path}: column {text_field!r} holds {kind}; expected strings")
+    columns = [text_field] + (["id"] if "id" in names and text_field != "id" else [])
+    row = 0
+    for batch in pf.iter_batches(columns=columns, batch_size=1024):
+        texts = batch.column(text_field).to_pylist()
+        ids = batch.column("id").to_pylist() if "id" in columns else [None] * len(texts)
+        for text, doc_id in zip(texts, ids, strict=True):
+            if text is None:
+                raise HerdError(f"{path}: row {row}: {text_field!r} is null; expected a string")
+            yield Document(id=str(doc_id) if doc_id is not None else f"{path}:{row}", text=text, source=path)
+            row += 1
