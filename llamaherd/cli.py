@@ -14,6 +14,7 @@ from llamaherd.errors import HerdError
 
 # modules with a `register(subparsers)` function, in the order their commands are listed
 COMMAND_MODULES = [
+    "llamaherd.train.cli",  # run (the main job), pretrain
     "llamaherd.checkpoint.cli",  # convert, info
     "llamaherd.generation_cli",  # generate, chat
     "llamaherd.tokenizer.cli",  # tokenizer encode/decode/train
@@ -38,7 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `key=value` overrides may also come after options: herd pretrain R --out D train.steps=3
+        if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -1,0 +1,226 @@
+"""Recipes: TOML files read into dataclasses, with `section.key=value` overrides from the command line.
+
+The dataclasses below are the one source of truth for defaults; a recipe overrides some of them,
+and the command line overrides the recipe. Unknown keys are errors, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llamaherd.errors import HerdError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"  # a name from llamaherd.model.PRESETS
+    overrides: dict = field(default_factory=dict)  # any ModelArgs field, e.g. {"n_layers": 2}
+
+
+@dataclass
+class DataConfig:
+    inputs: list = field(default_factory=lambda: ["stdlib:train"])  # raw text for `herd run`
+    val_inputs: list = field(default_factory=lambda: ["stdlib:val"])
+    text_field: str = "text"  # the text field of .jsonl / .parquet inputs
+    max_bytes: int = 0  # cap on raw training text read (0: no cap)
+    min_chars: int = 32  # basic cleaning: shorter documents are dropped
+    max_chars: int = 1_000_000  # and longer ones
+    train_dir: str = ""  # packed tokens for `herd pretrain` (`herd run` fills these in)
+    val_dir: str = ""
+
+
+@dataclass
+class TokenizerConfig:
+    path: str = ""  # an existing tokenizer.model, "meta" for Meta's 128K file, or "" to train one
+    vocab_size: int = 8192  # BPE ranks to train (256 special tokens come on top)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 8  # rows per micro-batch
+    seq_len: int = 256
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"  # auto: cuda when available
+    dtype: str = "auto"  # auto: bf16 autocast on GPU, float32 on CPU; or float32 / bfloat16
+    compile: bool = False
+    activation_checkpointing: bool = False
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 20
+    tensorboard: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100  # steps between checkpoints (one is also written at the end and on SIGTERM/SIGINT)
+    keep: int = 2  # how many of the newest checkpoints to keep
+
+
+@dataclass
+class SampleConfig:
+    prompts: list = field(default_factory=lambda: ["def ", "class ", "import "])
+    max_new_tokens: int = 64
+    temperature: float = 0.8
+    top_p: float = 0.95
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    name: str = "tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value, typ, key: str):
+    """Check a TOML value (or parse a command-line string) against a field's type."""
+    origin = typing.get_origin(typ) or typ
+    if isinstance(value, str) and origin is not str:
+        try:
+            value = json.loads(value) if origin in (list, dict) else value
+            if origin is bool:
+                value = {"true": True, "false": False, "1": True, "0": False}[value.lower()]
+            elif origin in (int, float):
+                value = origin(value.replace("_", ""))
+        except (ValueError, KeyError, json.JSONDecodeError):
+            raise HerdError(f"{key}: {value!r} is not a valid {origin.__name__}") from None
+    if origin is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if origin is list and isinstance(value, str):
+        value = [value]
+    if not isinstance(value, origin) or (origin in (int, float) and isinstance(value, bool)):
+        raise HerdError(f"{key}: expected {origin.__name__}, got {value!r}")
+    return value
+
+
+def _apply(obj, values: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if key not in hints:
+            known = ", ".join(f"{prefix}{k}" for k in hints)
+            raise HerdError(f"unknown recipe key {path!r}; expected one of: {known}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise HerdError(f"{path}: expected a table of settings, got {value!r}")
+            _apply(current, value, f"{path}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], path))
+
+
+def _set_dotted(obj, dotted: str, raw: str) -> None:
+    parts = dotted.split(".")
+    if parts[0] == "model" and len(parts) >= 2 and parts[1] != "preset":
+        # model.n_layers=2 (or model.overrides.n_layers=2) overrides that ModelArgs field
+        obj.model.overrides[parts[-1]] = _parse_scalar(raw)
+        return
+    value: dict = raw  # type: ignore[assignment]
+    for part in reversed(parts[1:]):
+        value = {part: value}
+    _apply(obj, {parts[0]: value})
+
+
+def _parse_scalar(raw: str):
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def resolve_recipe(name_or_path: str | None) -> Path:
+    """A recipe file: a path, or the name of one in recipes/ ("tiny" -> recipes/tiny.toml)."""
+    name_or_path = name_or_path or "tiny"
+    path = Path(name_or_path)
+    if path.suffix != ".toml" and not path.exists():
+        path = RECIPES_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))) if RECIPES_DIR.is_dir() else "none"
+        raise HerdError(f"recipe {name_or_path!r} not found (built-in recipes: {known})")
+    return path
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults <- recipe file <- `key=value` overrides."""
+    cfg = RunConfig()
+    if recipe is not None:
+        path = resolve_recipe(str(recipe))
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise HerdError(f"{path}: not valid TOML ({e})") from None
+        _apply(cfg, data)
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise HerdError(f"override {item!r} must look like section.key=value")
+        _set_dotted(cfg, key.strip(), raw.strip())
+    return cfg
+
+
+def model_args(cfg: RunConfig, vocab_size: int | None = None):
+    """The ModelArgs a run config describes; ``vocab_size`` (from the tokenizer) wins when given."""
+    from llamaherd.model.args import preset
+
+    from llamaherd.model.args import ModelArgs
+
+    extra = dict(cfg.model.overrides)
+    unknown = sorted(set(extra) - {f.name for f in dataclasses.fields(ModelArgs)})
+    if unknown:
+        raise HerdError(f"unknown model setting(s) {', '.join('model.' + k for k in unknown)}; expected ModelArgs "
+                        f"fields such as model.dim, model.n_layers, model.n_heads")
+    if vocab_size is not None:
+        extra["vocab_size"] = vocab_size
+    extra.setdefault("max_seq_len", max(cfg.train.seq_len, 1))
+    return preset(cfg.model.preset, **extra)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }" if v else "{}"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as a TOML recipe (it loads back to the same config)."""
+    lines = []
+    sections = cfg.to_dict()
+    for key, value in sections.items():
+        if not isinstance(value, dict):
+            lines.append(f"{key} = {_toml_value(value)}")
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            lines.append(f"\n[{key}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in value.items()]
+    return "\n".join(lines) + "\n"

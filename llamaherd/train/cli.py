@@ -1,0 +1,78 @@
+"""`herd run` (the main job) and `herd pretrain`."""
+
+from __future__ import annotations
+
+import argparse
+
+_SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}
+
+
+def register(sub) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser(
+        "run", help="the main job: raw text -> a small Llama 3, end to end", formatter_class=fmt,
+        description="Build a Llama 3 from raw text: clean the corpus, train a BPE tokenizer, pack tokens, pretrain,\n"
+                    "validate and sample, all into runs/NAME/. With no recipe it runs recipes/tiny.toml on the\n"
+                    "embedded corpus (the Python standard library's code and docstrings). Running it again resumes.",
+        epilog="example: herd run tiny train.steps=100 --out runs/quick")
+    p.add_argument("recipe", nargs="?", default="tiny", help="recipe name in recipes/ or a .toml path (default: tiny)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. train.steps=100")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<recipe name>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "pretrain", help="pretrain (or resume) on packed token data", formatter_class=fmt,
+        description="Pretrain a model as a recipe describes, on packed tokens (herd data pack) named by\n"
+                    "data.train_dir / data.val_dir. Running the same command on the same --out resumes from the\n"
+                    "newest good checkpoint. SIGTERM / Ctrl-C write a checkpoint and stop.",
+        epilog="example: herd pretrain tiny data.train_dir=packed/train tokenizer.path=tok.model train.steps=30")
+    p.add_argument("recipe", help="recipe name in recipes/ or a .toml path")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. checkpoint.every=5")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<recipe name>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_pretrain)
+
+
+def _split_overrides(args) -> list[str]:
+    # `herd run train.steps=3` parses train.steps=3 as the recipe: treat it as an override
+    if args.recipe and "=" in args.recipe:
+        args.overrides.insert(0, args.recipe)
+        args.recipe = None
+    return args.overrides
+
+
+def cmd_run(args) -> int:
+    from rich.console import Console
+
+    from llamaherd.train.run import print_summary, run
+
+    console = Console(stderr=True)
+    overrides = _split_overrides(args)
+    summary = run(args.recipe, overrides, args.out, progress=not args.no_progress, console=console)
+    if summary.train.stopped_by:
+        return _SIGNAL_EXIT.get(summary.train.stopped_by, 1)
+    print_summary(summary, Console())
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from llamaherd.config import load_config
+    from llamaherd.train.trainer import pretrain
+
+    overrides = _split_overrides(args)
+    cfg = load_config(args.recipe, overrides)
+    out = Path(args.out or Path("runs") / cfg.name)
+    console = Console(stderr=True)
+    result = pretrain(cfg, out, progress=not args.no_progress, console=console)
+    if result.stopped_by:
+        return _SIGNAL_EXIT.get(result.stopped_by, 1)
+    msg = f"step {result.step}/{result.steps}: train loss {result.train_loss:.4f}"
+    if result.val_loss is not None:
+        msg += f", validation {result.val_loss:.4f} nats/token ({result.val_bpb:.4f} bits/byte)"
+    Console().print(f"{msg}; checkpoint {result.checkpoint}")
+    return 0

@@ -1,0 +1,327 @@
+"""The main job, `herd run`: raw text -> a small Llama 3, end to end, in one run directory.
+
+    corpus -> basic cleaning -> BPE tokenizer -> tokenize + pack -> pretrain -> validate -> samples -> report
+
+    runs/NAME/
+        config.toml         the resolved recipe (`herd pretrain runs/NAME/config.toml` continues it)
+        corpus/             cleaned train.jsonl / val.jsonl and the cleaning counts
+        tokenizer.model     the trained BPE (tiktoken format, Llama 3 specials appended)
+        data/train, data/val  packed token shards
+        checkpoints/        step_NNNNNNN/ (loadable with llamaherd.load("runs/NAME"))
+        metrics.jsonl, loss.png, report.md
+
+Every stage writes its output atomically and is skipped when that output is already there, so
+running the same command again resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from llamaherd.config import RunConfig, load_config
+from llamaherd.errors import HerdError
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    stages: list = field(default_factory=list)  # (stage, seconds, what)
+    corpus: dict = field(default_factory=dict)
+    tokenizer: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    train: object = None
+    unigram_bpb: float | None = None
+    samples: list = field(default_factory=list)
+
+
+def _read_jsonl_texts(path: Path):
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)["text"]
+
+
+def stage_corpus(cfg: RunConfig, run_dir: Path) -> dict:
+    """Read, cap and clean the raw text into corpus/{train,val}.jsonl (validation cleaned first, never shared)."""
+    from llamaherd.data.clean import clean_documents
+    from llamaherd.data.prepare import write_jsonl
+    from llamaherd.data.sources import read_documents
+
+    out = run_dir / "corpus"
+    stats_file = out / "clean_stats.json"
+    if stats_file.is_file() and (out / "train.jsonl").is_file():
+        return json.loads(stats_file.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    seen: set[bytes] = set()
+    stats = {}
+    for split, inputs in (("val", cfg.data.val_inputs), ("train", cfg.data.inputs)):
+        if not inputs:
+            continue
+        docs = read_documents(inputs, cfg.data.text_field)
+        if split == "train" and cfg.data.max_bytes:
+            docs = _cap(docs, cfg.data.max_bytes)
+        kept, s = clean_documents(docs, cfg.data.min_chars, cfg.data.max_chars, seen=seen)
+        n = write_jsonl(kept, out / f"{split}.jsonl")
+        if n == 0:
+            raise HerdError(f"data.{'inputs' if split == 'train' else 'val_inputs'}: no document survived "
+                            f"cleaning ({s.read} read, removed: {dict(s.removed) or 'none'}); the corpus is empty")
+        stats[split] = s.as_dict()
+    stats_file.write_text(json.dumps(stats, indent=2) + "\n")
+    return stats
+
+
+def _cap(docs, max_bytes: int):
+    total = 0
+    for doc in docs:
+        total += len(doc.text.encode())
+        if total > max_bytes:
+            return
+        yield doc
+
+
+def stage_tokenizer(cfg: RunConfig, run_dir: Path, progress: bool) -> dict:
+    from llamaherd.tokenizer import Tokenizer
+    from llamaherd.tokenizer.train import save_ranks, train_bpe
+
+    target = run_dir / "tokenizer.model"
+    if not target.is_file():
+        if cfg.tokenizer.path:
+            src = meta_tokenizer_file() if cfg.tokenizer.path == "meta" else Path(cfg.tokenizer.path)
+            Tokenizer.from_file(src)  # validate before copying
+            shutil.copyfile(src, target)
+        else:
+            start = time.perf_counter()
+            n_bytes = (run_dir / "corpus" / "train.jsonl").stat().st_size
+            ranks = train_bpe(_read_jsonl_texts(run_dir / "corpus" / "train.jsonl"), cfg.tokenizer.vocab_size,
+                              progress=progress)
+            save_ranks(ranks, target)
+            secs = time.perf_counter() - start
+            (run_dir / "tokenizer_stats.json").write_text(json.dumps({"seconds": secs, "bytes": n_bytes}) + "\n")
+    tok = Tokenizer.from_file(target)
+    info = {"n_words": tok.n_words, "ranks": len(tok.mergeable_ranks)}
+    stats = run_dir / "tokenizer_stats.json"
+    if stats.is_file():
+        s = json.loads(stats.read_text())
+        info["mb_per_s"] = s["bytes"] / 1e6 / s["seconds"] if s["seconds"] else None
+    return info
+
+
+def meta_tokenizer_file() -> Path:
+    """Meta's Llama 3 tokenizer.model, as shipped in the llama-models package."""
+    try:
+        import llama_models
+    except ImportError:
+        raise HerdError("tokenizer.path = \"meta\" needs the llama-models package (pip install llama-models)") from None
+    path = Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
+    if not path.is_file():
+        raise HerdError(f"{path}: Meta's tokenizer file is missing from the llama-models package")
+    return path
+
+
+def stage_pack(cfg: RunConfig, run_dir: Path, progress: bool) -> dict:
+    from llamaherd.data.pack import PackedDataset, pack_documents
+    from llamaherd.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(run_dir / "tokenizer.model")
+    out = {}
+    for split in ("train", "val"):
+        src, dst = run_dir / "corpus" / f"{split}.jsonl", run_dir / "data" / split
+        if not src.is_file():
+            continue
+        if not (dst / "meta.json").is_file():
+            pack_documents(_read_jsonl_texts(src), tok, dst, tokenizer_file=run_dir / "tokenizer.model",
+                           overwrite=True, progress=progress)
+        ds = PackedDataset(dst)
+        out[split] = {"tokens": ds.n_tokens, "docs": ds.n_docs, "bytes": src.stat().st_size}
+    return out
+
+
+def unigram_bits_per_byte(dataset, tokenizer, n_bytes: int) -> float:
+    """Entropy of the corpus's token unigram distribution, in bits per byte of text.
+
+    Counted over the tokens a model predicts (everything but each document's begin-of-text token),
+    so it compares directly with the model's validation loss in bits per byte.
+    """
+    counts = np.zeros(dataset.vocab_size, dtype=np.int64)
+    for shard in dataset.shards:
+        counts += np.bincount(np.asarray(shard), minlength=dataset.vocab_size)[: dataset.vocab_size]
+    counts[dataset.bos_id] = 0
+    p = counts[counts > 0] / counts.sum()
+    bits_per_token = float(-(p * np.log2(p)).sum())
+    return bits_per_token * int(counts.sum()) / n_bytes
+
+
+def stage_samples(cfg: RunConfig, run_dir: Path) -> list[tuple[str, str]]:
+    import torch
+
+    from llamaherd.checkpoint import load
+    from llamaherd.generation import generate
+
+    model, tok = load(run_dir)
+    out = []
+    for i, prompt in enumerate(cfg.sample.prompts):
+        ids = tok.encode(prompt, bos=True)
+        new = generate(model, [ids], max_new_tokens=cfg.sample.max_new_tokens, temperature=cfg.sample.temperature,
+                       top_p=cfg.sample.top_p, seed=cfg.sample.seed + i, stop_tokens=tok.stop_tokens)[0]
+        out.append((prompt, tok.decode([t for t in new if t not in tok.stop_tokens])))
+    del torch
+    return out
+
+
+def plot_losses(run_dir: Path) -> Path | None:
+    """loss.png: training loss per step and validation loss; None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    from llamaherd.train.metrics import MetricsLog
+
+    records = MetricsLog(run_dir / "metrics.jsonl").read()
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = run_dir / "loss.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(s: RunSummary, cfg: RunConfig) -> Path:
+    t = s.train
+    train_data, val_data = s.data.get("train", {}), s.data.get("val", {})
+    lines = [
+        f"# Run `{s.run_dir.name}`",
+        "",
+        "## Corpus",
+        "",
+        "| split | documents read | kept | kept MB | tokens |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for split in ("train", "val"):
+        c = s.corpus.get(split)
+        if c:
+            lines.append(f"| {split} | {c['read']:,} | {c['kept']:,} | {c['kept_bytes'] / 1e6:.2f} | "
+                         f"{s.data.get(split, {}).get('tokens', 0):,} |")
+    removed = {k: v for split in s.corpus.values() for k, v in split.get("removed", {}).items()}
+    if removed:
+        lines += ["", "Removed by cleaning: " + ", ".join(f"{k} {v:,}" for k, v in removed.items())]
+    mbps = s.tokenizer.get("mb_per_s")
+    lines += ["", "## Tokenizer", "",
+              f"{s.tokenizer['ranks']:,} BPE ranks + 256 special tokens = {s.tokenizer['n_words']:,} ids"
+              + (f"; trained at {mbps:.1f} MB/s" if mbps else "")]
+    if train_data.get("bytes"):
+        lines.append(f"; {train_data['tokens'] / max(train_data['bytes'], 1):.3f} tokens per byte of training text.")
+    lines += ["", "## Training", "",
+              "| | |", "|---|---|",
+              f"| steps | {t.step} / {t.steps} |",
+              f"| tokens seen | {t.tokens_seen:,} |",
+              f"| throughput | {t.tokens_per_s:,.0f} tokens/s |",
+              f"| final train loss | {t.train_loss:.4f} nats/token |"]
+    if t.val_loss is not None:
+        lines.append(f"| validation loss | {t.val_loss:.4f} nats/token = {t.val_bpb:.4f} bits/byte |")
+    if s.unigram_bpb is not None:
+        lines.append(f"| unigram entropy of the corpus | {s.unigram_bpb:.4f} bits/byte |")
+    if (s.run_dir / "loss.png").is_file():
+        lines += ["", "![loss curve](loss.png)"]
+    lines += ["", "## Samples", ""]
+    for prompt, text in s.samples:
+        lines += [f"Prompt `{prompt!r}`:", "", "```python", prompt + text, "```", ""]
+    lines += ["## Stages", "", "| stage | seconds |", "|---|---:|"]
+    lines += [f"| {name} | {secs:.1f} |" for name, secs, _ in s.stages]
+    path = s.run_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run(recipe: str | None = None, overrides: list[str] | None = None, out: str | None = None,
+        progress: bool = True, console=None) -> RunSummary:
+    """Run the whole main job; returns what it did (the report is in ``run_dir/report.md``)."""
+    from rich.console import Console
+
+    from llamaherd.data.pack import PackedDataset
+    from llamaherd.tokenizer import Tokenizer
+    from llamaherd.train.trainer import pretrain
+
+    console = console or Console(stderr=True)
+    cfg = load_config(recipe or "tiny", overrides)
+    run_dir = Path(out or Path("runs") / cfg.name)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise HerdError(f"run directory {run_dir} cannot be created: {e.strerror or e}") from None
+    summary = RunSummary(run_dir=run_dir)
+
+    def stage(name: str, fn, *a):
+        console.print(f"[bold cyan]▶ {name}[/]")
+        start = time.perf_counter()
+        result = fn(*a)
+        summary.stages.append((name, time.perf_counter() - start, ""))
+        return result
+
+    summary.corpus = stage("corpus + cleaning", stage_corpus, cfg, run_dir)
+    summary.tokenizer = stage("tokenizer", stage_tokenizer, cfg, run_dir, progress)
+    summary.data = stage("tokenize + pack", stage_pack, cfg, run_dir, progress)
+    cfg.data.train_dir, cfg.data.val_dir = str(run_dir / "data" / "train"), str(run_dir / "data" / "val")
+    if "val" not in summary.data:
+        cfg.data.val_dir = ""
+    cfg.tokenizer.path = str(run_dir / "tokenizer.model")
+    summary.train = stage("pretrain", lambda: pretrain(cfg, run_dir, progress=progress, console=console))
+    if summary.train.stopped_by:
+        return summary
+    tok = Tokenizer.from_file(run_dir / "tokenizer.model")
+    ds = PackedDataset(run_dir / "data" / "train")
+    summary.unigram_bpb = unigram_bits_per_byte(ds, tok, _text_bytes(run_dir / "corpus" / "train.jsonl"))
+    summary.samples = stage("samples", stage_samples, cfg, run_dir)
+    plot_losses(run_dir)
+    write_report(summary, cfg)
+    return summary
+
+
+def _text_bytes(jsonl: Path) -> int:
+    return sum(len(t.encode()) for t in _read_jsonl_texts(jsonl))
+
+
+def print_summary(s: RunSummary, console) -> None:
+    from rich.table import Table
+
+    t = s.train
+    table = Table(title=f"herd run: {s.run_dir}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for name, secs, _ in s.stages:
+        table.add_row(name, f"{secs:.1f} s")
+    table.add_row("tokens seen", f"{t.tokens_seen:,} at {t.tokens_per_s:,.0f} tokens/s")
+    table.add_row("train loss", f"{t.train_loss:.3f} nats/token")
+    if t.val_loss is not None:
+        table.add_row("validation", f"{t.val_loss:.3f} nats/token = {t.val_bpb:.3f} bits/byte")
+    if s.unigram_bpb is not None:
+        table.add_row("unigram entropy", f"{s.unigram_bpb:.3f} bits/byte")
+    table.add_row("run directory", str(s.run_dir))
+    table.add_row("report", str(s.run_dir / "report.md"))
+    table.add_row("generate", f"herd generate {s.run_dir} --prompt 'def '")
+    table.add_row("chat", f"herd chat {s.run_dir}")
+    console.print(table)
+    if s.samples:
+        prompt, text = s.samples[0]
+        console.print("[bold]sample:[/]")
+        console.print(prompt + text, markup=False, highlight=False)
+
