@@ -14,14 +14,18 @@ $(VENV)/.core: pyproject.toml
 	$(PY) -m pip install -q -e .
 	touch $@
 
+$(VENV)/.run: $(VENV)/.core
+	$(PY) -m pip install -q -e '.[plot,data]'
+	touch $@
+
 $(VENV)/.dev: $(VENV)/.core
-	$(PY) -m pip install -q -e '.[dev,plot]'
+	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.core
 dev: $(VENV)/.dev
 
-run: $(VENV)/.dev
+run: $(VENV)/.run
 	$(VENV)/bin/herd run
 
 test: $(VENV)/.dev

@@ -1,0 +1,219 @@
+"""The herd layout, and the file helpers the other layouts share.
+
+    herd.json          {"format": "llamaherd", "version": 1, "model_args": {...}, "dtype": "bfloat16"}
+    model.safetensors  Meta's tensor names; a tied embedding is stored once (tok_embeddings.weight)
+    tokenizer.model    the tiktoken rank file (absent for a model saved without a tokenizer)
+    checksums.json     {file: {"bytes": n, "sha256": hex}} for every other file, verified on load
+                       (written into the other layouts too, and verified there when present)
+
+Safetensors files are written here tensor by tensor (one converted tensor in memory at a time) and
+read with ``safe_open``, whose tensors are memory-mapped copy-on-write views of the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from llamaherd.errors import HerdError
+from llamaherd.model.args import ModelArgs
+
+FORMAT, VERSION = "llamaherd", 1
+CONFIG, WEIGHTS, TOKENIZER, CHECKSUMS = "herd.json", "model.safetensors", "tokenizer.model", "checksums.json"
+FILES = f"{CONFIG} + {WEIGHTS}"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: str | torch.dtype | None, where: str = "dtype") -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise HerdError(f"{where}: unknown dtype {name!r} (expected one of {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+def read_json(file: Path) -> dict:
+    """A JSON object from ``file``; a missing or malformed file is a one-line HerdError."""
+    if not file.is_file():
+        raise HerdError(f"{file}: file not found")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HerdError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise HerdError(f"{file}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def write_json(file: Path, data: dict) -> None:
+    file.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def args_from(d: dict, file: Path) -> ModelArgs:
+    """``ModelArgs(**d)``, with any problem reported against ``file``."""
+    try:
+        return ModelArgs(**d)
+    except HerdError as e:
+        raise HerdError(f"{file}: {e}") from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise HerdError(f"{file}: impossible model configuration ({e})") from None
+
+
+# --- safetensors ---------------------------------------------------------------------------------
+
+def read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of a safetensors file, memory-mapped; a damaged file is a HerdError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    if not file.is_file():
+        raise HerdError(f"{file}: file not found")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+    except SafetensorError as e:
+        raise HerdError(f"{file}: not a readable safetensors file ({e}); is it truncated?") from None
+
+
+def write_safetensors(file: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
+                      transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> str:
+    """Write ``tensors`` (cast to ``dtype``, after ``transform(name, t)``, which keeps shapes) one at a
+    time, so memory holds one converted tensor; returns the file's sha256."""
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        dt = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        nbytes = t.numel() * dt.itemsize
+        header[name] = {"dtype": _ST_DTYPES[dt], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # tensor data starts 8-byte aligned
+    sha = hashlib.sha256()
+    with open(file, "wb") as f:
+        for chunk in (len(head).to_bytes(8, "little"), head):
+            f.write(chunk)
+            sha.update(chunk)
+        for name, t in tensors.items():
+            t = transform(name, t) if transform else t
+            t = t.detach().to(device="cpu", dtype=_st_dtype(header[name]["dtype"])).contiguous()
+            data = t.reshape(-1).view(torch.uint8).numpy()
+            f.write(data)
+            sha.update(data)
+    return sha.hexdigest()
+
+
+def _st_dtype(code: str) -> torch.dtype:
+    return next(dt for dt, c in _ST_DTYPES.items() if c == code)
+
+
+# --- checksums -----------------------------------------------------------------------------------
+
+def sha256_file(file: Path) -> str:
+    sha = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 22):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def write_checksums(ckpt: Path, known: dict[str, str] | None = None) -> None:
+    """``checksums.json`` for every file under ``ckpt``; ``known`` holds digests computed while writing."""
+    known = known or {}
+    files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    sums = {}
+    for p in files:
+        rel = p.relative_to(ckpt).as_posix()
+        sums[rel] = {"bytes": p.stat().st_size, "sha256": known.get(rel) or sha256_file(p)}
+    write_json(ckpt / CHECKSUMS, sums)
+
+
+def verify_checksums(ckpt: Path) -> None:
+    """Every file listed in ``checksums.json`` exists with its size and sha256; HerdError otherwise."""
+    manifest = read_json(ckpt / CHECKSUMS)
+    for rel, want in manifest.items():
+        file = ckpt / rel
+        if not file.is_file():
+            raise HerdError(f"{file}: file listed in {CHECKSUMS} is missing")
+        if not isinstance(want, dict) or "sha256" not in want:
+            raise HerdError(f"{ckpt / CHECKSUMS}: entry {rel!r} has no sha256")
+        size = file.stat().st_size
+        if "bytes" in want and size != want["bytes"]:
+            raise HerdError(f"{file}: {size} bytes but {CHECKSUMS} says {want['bytes']} (truncated or replaced)")
+        if sha256_file(file) != want["sha256"]:
+            raise HerdError(f"{file}: sha256 does not match {CHECKSUMS} (the file is corrupt or was changed)")
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file and directory under ``root`` to disk (before the rename that publishes it)."""
+    for p in [*root.rglob("*"), root]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# --- the herd layout -----------------------------------------------------------------------------
+
+def read_args(ckpt: Path) -> ModelArgs:
+    file = ckpt / CONFIG
+    cfg = read_json(file)
+    if cfg.get("format") != FORMAT:
+        raise HerdError(f"{file}: format is {cfg.get('format')!r}, expected {FORMAT!r}")
+    if cfg.get("version") != VERSION:
+        raise HerdError(f"{file}: version {cfg.get('version')!r} is not supported (expected {VERSION})")
+    if not isinstance(cfg.get("model_args"), dict):
+        raise HerdError(f"{file}: 'model_args' is missing or not an object")
+    try:
+        return ModelArgs.from_dict(cfg["model_args"])
+    except HerdError as e:
+        raise HerdError(f"{file}: {e}") from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise HerdError(f"{file}: impossible model configuration ({e})") from None
+
+
+def read_dtype(ckpt: Path) -> str:
+    return str(read_json(ckpt / CONFIG).get("dtype"))
+
+
+def read_tensors(ckpt: Path, args: ModelArgs) -> Iterator[tuple[str, torch.Tensor, str]]:
+    file = ckpt / WEIGHTS
+    for name, t in read_safetensors(file):
+        yield name, t, f"{file}: tensor {name}"
+
+
+def file_name(meta_name: str) -> str:
+    return meta_name
+
+
+def weights_label(ckpt: Path) -> str:
+    return str(ckpt / WEIGHTS)
+
+
+def read_tokenizer(ckpt: Path):
+    from llamaherd.tokenizer import Tokenizer
+
+    file = ckpt / TOKENIZER
+    return (Tokenizer.from_file(file), file) if file.is_file() else None
+
+
+def write(out: Path, args: ModelArgs, tensors: dict[str, torch.Tensor], tokenizer, dtype: torch.dtype) -> None:
+    """Write the herd layout into ``out``; checksums.json last, covering every file in ``out``."""
+    sha = write_safetensors(out / WEIGHTS, tensors, dtype)
+    cfg = {"format": FORMAT, "version": VERSION, "model_args": args.to_dict(), "dtype": dtype_name(dtype)}
+    write_json(out / CONFIG, cfg)
+    if tokenizer is not None:
+        tokenizer.save(out / TOKENIZER)
+    write_checksums(out, {WEIGHTS: sha})
