@@ -52,8 +52,8 @@ def _load(args):
 class _Printer:
     """Prints decoded text as tokens arrive, holding back bytes of an unfinished UTF-8 character."""
 
-    def __init__(self, tokenizer, stop_tokens, out=sys.stdout):
-        self.tokenizer, self.stop, self.out = tokenizer, set(stop_tokens), out
+    def __init__(self, tokenizer, stop_tokens, out=None):
+        self.tokenizer, self.stop, self.out = tokenizer, set(stop_tokens), out or sys.stdout
         self.ids: list[int] = []
         self.shown = 0
 
@@ -67,8 +67,12 @@ class _Printer:
             self.out.flush()
             self.shown = len(text)
 
-    def text(self) -> str:
-        return self.tokenizer.decode(self.ids)
+    def finish(self) -> str:
+        """Write what was held back (an incomplete character at the very end) and a newline; the whole text."""
+        text = self.tokenizer.decode(self.ids)
+        self.out.write(text[self.shown:] + "\n")
+        self.out.flush()
+        return text
 
 
 def _sampling(args) -> dict:
@@ -84,7 +88,7 @@ def cmd_generate(args) -> int:
     ids = tokenizer.encode(prompt, bos=True, eos=False)
     printer = _Printer(tokenizer, tokenizer.stop_tokens)
     generate(model, [ids], stop_tokens=tokenizer.stop_tokens, on_token=printer, **_sampling(args))
-    sys.stdout.write("\n")
+    printer.finish()
     return 0
 
 
@@ -112,11 +116,12 @@ def cmd_chat(args) -> int:
         dialog.append({"role": "user", "content": line})
         ids = chat.encode_dialog_prompt(dialog)
         if len(ids) >= model.args.max_seq_len:
-            raise HerdError(f"the conversation ({len(ids)} tokens) no longer fits the context of "
-                            f"{model.args.max_seq_len} tokens; type /reset to start over")
+            print(f"error: the conversation ({len(ids)} tokens) no longer fits the context of "
+                  f"{model.args.max_seq_len} tokens; type /reset to start over", file=sys.stderr)
+            dialog.pop()
+            continue
         sys.stdout.write("assistant> " if interactive else "")
         printer = _Printer(tokenizer, tokenizer.stop_tokens)
         generate(model, [ids], stop_tokens=tokenizer.stop_tokens, on_token=printer, **_sampling(args))
-        sys.stdout.write("\n")
-        dialog.append({"role": "assistant", "content": printer.text()})
+        dialog.append({"role": "assistant", "content": printer.finish()})
     return 0
