@@ -72,12 +72,20 @@ def test_rows_are_the_shuffled_document_stream(ds):
     loader = PackedLoader(ds, B, S, seed=7)
     n_batches = 3 * ds.n_tokens // (B * (S + 1))  # about three epochs
     batches = take(loader, n_batches)
-    want, want_starts = reference_stream(ds, loader, 4)
+    want, want_starts = reference_stream(ds, loader, 5)
     rows = np.concatenate([full_rows(b) for b in batches])
-    n = rows.size
-    # consecutive rows are consecutive slices of the stream: no gap, no repeat, across epochs
-    assert np.array_equal(rows.reshape(-1), want[:n])
-    starts = want_starts[:n].reshape(-1, S + 1)
+    served = np.array([loader.row_index(i) for i in range(len(rows))])
+    # every served row is a slice of the stream, rows of each block come in a permuted order, and over
+    # whole blocks no row is missing or repeated
+    R = loader.block_rows
+    assert R == ds.n_tokens // (S + 1)
+    stream_rows = want[: (served.max() + 1) * (S + 1)].reshape(-1, S + 1)
+    assert np.array_equal(rows, stream_rows[served])
+    whole = len(rows) // R * R
+    assert np.array_equal(np.sort(served[:whole]), np.arange(whole))
+    assert not np.array_equal(served[:R], np.arange(R))  # shuffled: not the stream order
+    assert np.all(served[:whole] // R == np.arange(whole) // R)  # a block's rows stay in that block
+    starts = want_starts[: (served.max() + 1) * (S + 1)].reshape(-1, S + 1)[served]
     inputs = torch.cat([b.inputs for b in batches]).numpy()
     targets = torch.cat([b.targets for b in batches]).numpy()
     doc_ids = torch.cat([b.doc_ids for b in batches]).numpy()
@@ -92,12 +100,12 @@ def test_rows_are_the_shuffled_document_stream(ds):
     assert (doc_ids[:, 0] == 0).all()
     assert np.array_equal(np.diff(doc_ids, axis=1), starts[:, 1:-1].astype(np.int32))
     # rows with documents continued from the previous row exist, and still start at id 0
-    assert (~starts[1:, 0]).any()
+    assert (~starts[:, 0]).any()
     # each epoch is a fresh permutation of all the documents
     orders = [loader.order(e) for e in range(3)]
     assert all(np.array_equal(np.sort(o), np.arange(ds.n_docs)) for o in orders)
     assert not np.array_equal(orders[0], orders[1])
-    assert loader.state_dict()["epoch"] == 2
+    assert loader.state_dict()["batches"] == n_batches
 
 
 def test_same_seed_same_batches_other_seed_other_batches(ds):
@@ -108,6 +116,7 @@ def test_same_seed_same_batches_other_seed_other_batches(ds):
     unshuffled = PackedLoader(ds, 2, 33, shuffle=False)
     assert np.array_equal(unshuffled.order(5), np.arange(ds.n_docs))
     assert np.array_equal(full_rows(next(unshuffled)).reshape(-1), np.concatenate([ds.doc(i) for i in range(5)])[:68])
+    assert [unshuffled.row_index(i) for i in range(10)] == list(range(10))
 
 
 def test_ranks_get_disjoint_rows_that_make_up_the_global_batch(ds):
@@ -133,8 +142,11 @@ def test_resume_continues_with_exactly_the_next_batch(ds, world_size, rank):
     for _ in range(50):  # more than one epoch (37 batches a rank at world_size 1, 19 at 2)
         states.append(uninterrupted.state_dict())
         reference.append(next(uninterrupted))
-    crossing = [k for k in range(45) if states[k]["epoch"] != states[k + 1]["epoch"]]
-    assert crossing  # batch k runs from one epoch into the next
+    rows_per_batch = B * world_size
+    per_block = uninterrupted.block_rows / rows_per_batch
+    crossing = [k for k in range(45) if int(k * rows_per_batch // uninterrupted.block_rows)
+                != int(((k + 1) * rows_per_batch - 1) // uninterrupted.block_rows)]
+    assert crossing and per_block < 45  # batch k takes rows from two shuffle blocks
     rng = np.random.default_rng(0)
     cuts = sorted({0, 1, 45, *crossing, *(k + 1 for k in crossing), *rng.integers(0, 46, size=6).tolist()})
     for k in cuts:
@@ -169,8 +181,8 @@ def test_mismatched_state_is_refused(ds, tmp_path):
     fresh.load_state_dict(state)  # the position is global: a state saved by any rank resumes every rank
     with pytest.raises(HerdError, match="missing 'seed'"):
         fresh.load_state_dict({k: v for k, v in state.items() if k != "seed"})
-    with pytest.raises(HerdError, match="outside the dataset"):
-        fresh.load_state_dict({**state, "doc": ds.n_docs})
+    with pytest.raises(HerdError, match="non-negative integer"):
+        fresh.load_state_dict({**state, "batches": -1})
     with pytest.raises(HerdError, match="version"):
         fresh.load_state_dict({"epoch": 0})
 

@@ -5,14 +5,19 @@ laid end to end; the epochs follow one another, so the stream never ends. Row ``
 tokens ``[k*(S+1), (k+1)*(S+1))``: ``inputs = row[:-1]``, ``targets = row[1:]``. A document that does
 not fit in what is left of a row goes on at the start of the next row, so nothing is cut away.
 
+Rows are then served in a shuffled order: the stream's rows are taken in blocks of about one epoch
+(at most ``MAX_SHUFFLE_ROWS``), and each block is permuted (drawn from ``(seed, block)``). Without this
+a batch would hold consecutive rows of one long document, and successive steps would see one source
+file each, which makes the gradient noise far larger.
+
 Targets that would predict the first token of another document are ``IGNORE_INDEX``, and ``doc_ids``
 numbers the documents within each row from 0, so the model can build a block-causal (document) mask
 and restart RoPE positions at each document.
 
-With ``world_size`` data-parallel ranks, global batch ``g`` is the ``world_size * B`` rows after the
-previous global batch, and rank ``r`` gets rows ``r*B .. (r+1)*B`` of it: ranks never share a row.
-The loader's position is a few integers (``state_dict``), so a resumed run continues with exactly
-the next batch.
+With ``world_size`` data-parallel ranks, global batch ``g`` is served rows ``g*W*B .. (g+1)*W*B`` (in
+shuffled order), and rank ``r`` gets rows ``r*B .. (r+1)*B`` of it: ranks never share a row. The
+loader's position is the number of global batches served (``state_dict``), so a resumed run continues
+with exactly the next batch.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from llamaherd.data.pack import PackedDataset
 from llamaherd.errors import HerdError
 
 IGNORE_INDEX = -100
-STATE_VERSION = 1
+STATE_VERSION = 2
+MAX_SHUFFLE_ROWS = 1 << 20  # rows permuted together: about an epoch, bounded for huge datasets
 
 
 @dataclass
@@ -104,8 +110,10 @@ class PackedLoader:
             )
         self.batch_size, self.seq_len, self.seed = int(batch_size), int(seq_len), int(seed)
         self.rank, self.world_size, self.shuffle = int(rank), int(world_size), bool(shuffle)
-        self.epoch = self.pos = self.batches = 0  # where the next global batch starts; batches yielded
+        self.batches = 0  # global batches served so far: the whole position
         self._orders: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.block_rows = max(1, min(ds.n_tokens // (self.seq_len + 1), MAX_SHUFFLE_ROWS))
+        self._perm: tuple[int, np.ndarray] | None = None
 
     def order(self, epoch: int) -> np.ndarray:
         """The order of the documents in ``epoch``: a permutation drawn from ``(seed, epoch)``."""
@@ -120,39 +128,41 @@ class PackedLoader:
             self._orders[epoch] = order, np.cumsum(self.dataset.doc_len[order])
         return self._orders[epoch]
 
-    def _skip(self, epoch: int, pos: int, n: int) -> tuple[int, int]:
-        epoch_tokens = self.dataset.n_tokens  # every epoch streams every token once
-        pos += n
-        return epoch + pos // epoch_tokens, pos % epoch_tokens
+    def row_index(self, served: int) -> int:
+        """The stream row served ``served``-th: rows are permuted within blocks of ``block_rows``."""
+        block, within = divmod(served, self.block_rows)
+        if not self.shuffle:
+            return served
+        if self._perm is None or self._perm[0] != block:
+            self._perm = block, np.random.default_rng([self.seed, 1 << 32, block]).permutation(self.block_rows)
+        return block * self.block_rows + int(self._perm[1][within])
+
+    def _row(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens of stream row ``k`` and its document-start mask (a row may run into the next epoch)."""
+        n, epoch_tokens = self.seq_len + 1, self.dataset.n_tokens
+        epoch, pos = divmod(k * n, epoch_tokens)
+        pieces, left = [], n
+        while left:  # more than one piece only where the row crosses into the next epoch
+            take = min(left, epoch_tokens - pos)
+            pieces.append(_read(self.dataset, *self._order(epoch), pos, take))
+            epoch, pos, left = epoch + 1, 0, left - take
+        if len(pieces) == 1:
+            return pieces[0]
+        return np.concatenate([t for t, _ in pieces]), np.concatenate([s for _, s in pieces])
 
     def __iter__(self) -> Iterator[Batch]:
         return self
 
     def __next__(self) -> Batch:
-        n = self.batch_size * (self.seq_len + 1)
-        epoch, pos = self._skip(self.epoch, self.pos, self.rank * n)
-        pieces, left = [], n
-        while left:  # more than one piece only where the rows cross into the next epoch
-            take = min(left, self.dataset.n_tokens - pos)
-            pieces.append(_read(self.dataset, *self._order(epoch), pos, take))
-            epoch, pos = self._skip(epoch, pos, take)
-            left -= take
-        self.epoch, self.pos = self._skip(self.epoch, self.pos, self.world_size * n)
+        first = (self.batches * self.world_size + self.rank) * self.batch_size
+        rows = [self._row(self.row_index(i)) for i in range(first, first + self.batch_size)]
         self.batches += 1
-        if len(pieces) == 1:
-            return _batch(*pieces[0], self.seq_len)
-        return _batch(np.concatenate([t for t, _ in pieces]), np.concatenate([s for _, s in pieces]), self.seq_len)
+        return _batch(np.concatenate([t for t, _ in rows]), np.concatenate([s for _, s in rows]), self.seq_len)
 
     def state_dict(self) -> dict:
-        """Where the next global batch starts, and the settings it is only valid with (JSON-serialisable)."""
-        order, ends = self._order(self.epoch)
-        doc = int(np.searchsorted(ends, self.pos, side="right"))
-        offset = self.pos - int(ends[doc] - self.dataset.doc_len[order[doc]])
+        """The position (global batches served) and the settings it is only valid with (JSON-serialisable)."""
         return {
             "version": STATE_VERSION,
-            "epoch": self.epoch,
-            "doc": doc,  # position in this epoch's document order
-            "offset": offset,  # tokens of that document already consumed
             "batches": self.batches,
             "seed": self.seed,
             "shuffle": self.shuffle,
@@ -175,18 +185,10 @@ class PackedLoader:
                 raise HerdError(f"loader state: missing {key!r}")
             if state[key] != mine[key]:
                 raise HerdError(f"loader state has {key}={state[key]!r} but this loader has {key}={mine[key]!r}")
-        try:
-            epoch, doc, offset, batches = (int(state[k]) for k in ("epoch", "doc", "offset", "batches"))
-        except (KeyError, TypeError, ValueError) as e:
-            raise HerdError(f"loader state: bad or missing position ({type(e).__name__}: {e})") from None
-        where = f"loader state: position epoch={epoch} doc={doc} offset={offset} is outside the dataset"
-        if epoch < 0 or not 0 <= doc < self.dataset.n_docs:
-            raise HerdError(where)
-        order, ends = self._order(epoch)
-        if not 0 <= offset < self.dataset.doc_len[order[doc]]:
-            raise HerdError(where)
-        self.epoch, self.batches = epoch, batches
-        self.pos = int(ends[doc] - self.dataset.doc_len[order[doc]]) + offset
+        batches = state.get("batches")
+        if not isinstance(batches, int) or batches < 0:
+            raise HerdError(f"loader state: 'batches' must be a non-negative integer, got {batches!r}")
+        self.batches = batches
 
 
 def iter_eval_batches(
