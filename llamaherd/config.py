@@ -194,8 +194,10 @@ def model_args(cfg: RunConfig, vocab_size: int | None = None):
                         f"fields such as model.dim, model.n_layers, model.n_heads")
     if vocab_size is not None:
         extra["vocab_size"] = vocab_size
-    extra.setdefault("max_seq_len", max(cfg.train.seq_len, 1))
-    return preset(cfg.model.preset, **extra)
+    args = preset(cfg.model.preset, **extra)
+    if "max_seq_len" not in extra and args.max_seq_len < cfg.train.seq_len:
+        args = args.replace(max_seq_len=cfg.train.seq_len)  # the preset's context grows to the training rows
+    return args
 
 
 def _toml_value(v) -> str:
