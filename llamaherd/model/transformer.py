@@ -113,32 +113,19 @@ class Attention(nn.Module):
         v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, S, D]
+        gqa = self.n_heads != self.n_kv_heads
         if self.cache is not None and input_pos is not None:
             k, v = self.cache.update(input_pos, k, v)
             if kv_len is not None:  # eager decoding: attend to the filled part of the cache only
                 k, v, mask = k[:, :, :kv_len], v[:, :, :kv_len], mask[..., :kv_len]
-                if seqlen == 1:
-                    return self.wo(_decode_attention(q, k, v).reshape(bsz, 1, -1))
-        gqa = self.n_heads != self.n_kv_heads
+                if seqlen == 1:  # the one new token sees every filled position: no mask to apply
+                    out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+                    return self.wo(out.transpose(1, 2).reshape(bsz, 1, -1))
         if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask
             out = _flex_attention(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
-
-
-def _decode_attention(q, k, v):
-    """One query position against the whole (already sliced) cache, with grouped heads kept grouped.
-
-    Equivalent to SDPA for a single query with every key visible, and several times faster on CPU.
-    q [B, H, 1, D], k/v [B, KV, L, D] -> [B, H, D] (heads of a group are consecutive, as in SDPA's GQA).
-    """
-    bsz, n_heads, _, head_dim = q.shape
-    n_kv = k.shape[1]
-    qg = q.view(bsz, n_kv, n_heads // n_kv, head_dim)
-    scores = torch.matmul(qg, k.transpose(-1, -2)) * (1.0 / math.sqrt(head_dim))
-    probs = torch.softmax(scores.float(), dim=-1).type_as(q)
-    return torch.matmul(probs, v).view(bsz, n_heads, head_dim)
 
 
 class FeedForward(nn.Module):
