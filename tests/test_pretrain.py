@@ -16,7 +16,6 @@ from llamaherd.checkpoint.native import read_safetensors, verify_checksums
 from llamaherd.config import load_config
 from llamaherd.data.pack import pack_documents
 from llamaherd.data.stdlib_corpus import stdlib_documents
-from llamaherd.errors import HerdError
 from llamaherd.tokenizer import Tokenizer
 from llamaherd.train import checkpointing
 from llamaherd.train.trainer import lr_at, pretrain

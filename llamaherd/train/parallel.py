@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 
-import torch
 from torch.utils.checkpoint import checkpoint
 
 

@@ -138,7 +138,7 @@ def stage_pack(cfg: RunConfig, run_dir: Path, progress: bool) -> dict:
             pack_documents(_read_jsonl_texts(src), tok, dst, tokenizer_file=run_dir / "tokenizer.model",
                            overwrite=True, progress=progress)
         ds = PackedDataset(dst)
-        out[split] = {"tokens": ds.n_tokens, "docs": ds.n_docs, "bytes": src.stat().st_size}
+        out[split] = {"tokens": ds.n_tokens, "docs": ds.n_docs}
     return out
 
 
@@ -207,7 +207,7 @@ def plot_losses(run_dir: Path) -> Path | None:
 
 def write_report(s: RunSummary, cfg: RunConfig) -> Path:
     t = s.train
-    train_data, val_data = s.data.get("train", {}), s.data.get("val", {})
+    train_data = s.data.get("train", {})
     lines = [
         f"# Run `{s.run_dir.name}`",
         "",
@@ -225,17 +225,19 @@ def write_report(s: RunSummary, cfg: RunConfig) -> Path:
     if removed:
         lines += ["", "Removed by cleaning: " + ", ".join(f"{k} {v:,}" for k, v in removed.items())]
     mbps = s.tokenizer.get("mb_per_s")
-    lines += ["", "## Tokenizer", "",
-              f"{s.tokenizer['ranks']:,} BPE ranks + 256 special tokens = {s.tokenizer['n_words']:,} ids"
-              + (f"; trained at {mbps:.1f} MB/s" if mbps else "")]
-    if train_data.get("bytes"):
-        lines.append(f"; {train_data['tokens'] / max(train_data['bytes'], 1):.3f} tokens per byte of training text.")
+    tok_line = f"{s.tokenizer['ranks']:,} BPE ranks + 256 special tokens = {s.tokenizer['n_words']:,} ids"
+    if mbps:
+        tok_line += f"; trained at {mbps:.1f} MB/s"
+    train_bytes = s.corpus.get("train", {}).get("kept_bytes")
+    if train_bytes and train_data.get("tokens"):
+        tok_line += f"; {train_data['tokens'] / train_bytes:.3f} tokens per byte of training text"
+    lines += ["", "## Tokenizer", "", tok_line + "."]
     lines += ["", "## Training", "",
               "| | |", "|---|---|",
               f"| steps | {t.step} / {t.steps} |",
               f"| tokens seen | {t.tokens_seen:,} |",
               f"| throughput | {t.tokens_per_s:,.0f} tokens/s |",
-              f"| final train loss | {t.train_loss:.4f} nats/token |"]
+              f"| train loss (mean of the last {cfg.train.log_every} steps) | {t.train_loss:.4f} nats/token |"]
     if t.val_loss is not None:
         lines.append(f"| validation loss | {t.val_loss:.4f} nats/token = {t.val_bpb:.4f} bits/byte |")
     if s.unigram_bpb is not None:
@@ -289,15 +291,11 @@ def run(recipe: str | None = None, overrides: list[str] | None = None, out: str 
         return summary
     tok = Tokenizer.from_file(run_dir / "tokenizer.model")
     ds = PackedDataset(run_dir / "data" / "train")
-    summary.unigram_bpb = unigram_bits_per_byte(ds, tok, _text_bytes(run_dir / "corpus" / "train.jsonl"))
+    summary.unigram_bpb = unigram_bits_per_byte(ds, tok, summary.corpus["train"]["kept_bytes"])
     summary.samples = stage("samples", stage_samples, cfg, run_dir)
     plot_losses(run_dir)
     write_report(summary, cfg)
     return summary
-
-
-def _text_bytes(jsonl: Path) -> int:
-    return sum(len(t.encode()) for t in _read_jsonl_texts(jsonl))
 
 
 def print_summary(s: RunSummary, console) -> None:

@@ -36,7 +36,7 @@ class TrainResult:
     steps: int
     resumed_from: int
     stopped_by: str | None  # "SIGTERM" / "SIGINT" when interrupted, else None
-    train_loss: float
+    train_loss: float  # mean over the last log_every steps
     val_loss: float | None
     val_bpb: float | None
     tokens_seen: int
@@ -252,6 +252,7 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, cons
         return val, bpb
 
     train_loss = val_loss = val_bpb = None
+    recent: list[float] = []  # the last log_every losses: the reported train loss is their mean
     last_ckpt = ckpt
     step, stopped_by = start, None
     t_run = time.perf_counter()
@@ -275,7 +276,8 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, cons
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            train_loss, tokens_since = loss_sum, tokens_since + tokens_per_step
+            recent = (recent + [loss_sum])[-tcfg.log_every:]
+            train_loss, tokens_since = sum(recent) / len(recent), tokens_since + tokens_per_step
             record = {"step": step, "loss": loss_sum, "grad_norm": grad_norm, "lr": lr}
             if step % tcfg.log_every == 0 or step == tcfg.steps:
                 elapsed = time.perf_counter() - t_log
