@@ -69,3 +69,11 @@ def test_running_again_resumes_instead_of_redoing(finished_run):
     summary = run("tiny", SMALL, str(out), progress=False)
     assert summary.train.resumed_from == 300 and summary.train.step == 300
     assert (out / "tokenizer.model").stat().st_mtime_ns == before
+
+
+def test_reusing_a_run_directory_with_other_data_settings_is_refused(finished_run):
+    from llamaherd.errors import HerdError
+
+    out, _ = finished_run
+    with pytest.raises(HerdError, match=r"other data settings \(tokenizer.vocab_size 1024 -> 2048\)"):
+        run("tiny", [*SMALL, "tokenizer.vocab_size=2048"], str(out), progress=False)

@@ -4,6 +4,7 @@
 
     runs/NAME/
         config.toml         the resolved recipe (`herd pretrain runs/NAME/config.toml` continues it)
+        data_settings.json  what the cached corpus/tokenizer/data were made with (checked on reuse)
         corpus/             cleaned train.jsonl / val.jsonl and the cleaning counts
         tokenizer.model     the trained BPE (tiktoken format, Llama 3 specials appended)
         data/train, data/val  packed token shards
@@ -254,6 +255,26 @@ def write_report(s: RunSummary, cfg: RunConfig) -> Path:
     return path
 
 
+# what the cached corpus, tokenizer and packed data depend on: a run directory keeps them
+_DATA_KEYS = {"data": ("inputs", "val_inputs", "text_field", "max_bytes", "min_chars", "max_chars"),
+              "tokenizer": ("path", "vocab_size")}
+
+
+def check_same_data(cfg: RunConfig, run_dir: Path) -> None:
+    """Record the data settings of a new run; refuse to reuse a run directory made with other ones."""
+    record = run_dir / "data_settings.json"
+    mine = {f"{section}.{key}": getattr(getattr(cfg, section), key)
+            for section, keys in _DATA_KEYS.items() for key in keys}
+    if record.is_file():
+        theirs = json.loads(record.read_text())
+        changed = [f"{k} {theirs.get(k)!r} -> {v!r}" for k, v in mine.items() if theirs.get(k) != v]
+        if changed:
+            raise HerdError(f"{run_dir} was made with other data settings ({'; '.join(changed)}); "
+                            "use another --out, or delete the run directory")
+    else:
+        record.write_text(json.dumps(mine, indent=2) + "\n")
+
+
 def run(recipe: str | None = None, overrides: list[str] | None = None, out: str | None = None,
         progress: bool = True, console=None) -> RunSummary:
     """Run the whole main job; returns what it did (the report is in ``run_dir/report.md``)."""
@@ -270,6 +291,7 @@ def run(recipe: str | None = None, overrides: list[str] | None = None, out: str 
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise HerdError(f"run directory {run_dir} cannot be created: {e.strerror or e}") from None
+    check_same_data(cfg, run_dir)
     summary = RunSummary(run_dir=run_dir)
 
     def stage(name: str, fn, *a):
