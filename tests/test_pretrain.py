@@ -289,3 +289,15 @@ def test_empty_or_unreadable_corpus_for_the_main_job(capsys, tmp_path):
     assert "no document survived cleaning" in err
     err = run_error(capsys, "tiny", f"data.inputs=[\"{tmp_path / 'missing.txt'}\"]", "--out", str(tmp_path / "r3"))
     assert "missing.txt" in err
+
+
+def test_activation_checkpointing_changes_memory_not_results(corpus, tmp_path):
+    rec = recipe(corpus, tmp_path)
+    plain = pretrain(load_config(rec, ["train.steps=3", "train.eval_every=0"]), tmp_path / "a", progress=False)
+    ac = pretrain(load_config(rec, ["train.steps=3", "train.eval_every=0", "train.activation_checkpointing=true"]),
+                  tmp_path / "b", progress=False)
+    losses = [[r["loss"] for r in logged(run) if "loss" in r] for run in (plain.run_dir, ac.run_dir)]
+    assert losses[0] == losses[1] and len(losses[0]) == 3
+    _, w_a, _ = final_state(plain.run_dir)
+    _, w_b, _ = final_state(ac.run_dir)
+    assert all(torch.equal(w_a[k], w_b[k]) for k in w_a)

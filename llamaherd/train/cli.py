@@ -74,5 +74,5 @@ def cmd_pretrain(args) -> int:
     msg = f"step {result.step}/{result.steps}: train loss {result.train_loss:.4f}"
     if result.val_loss is not None:
         msg += f", validation {result.val_loss:.4f} nats/token ({result.val_bpb:.4f} bits/byte)"
-    Console().print(f"{msg}; checkpoint {result.checkpoint}")
+    Console().print(f"{msg}; checkpoint {result.checkpoint}", soft_wrap=True, highlight=False, markup=False)
     return 0
