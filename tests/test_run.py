@@ -68,6 +68,7 @@ def test_running_again_resumes_instead_of_redoing(finished_run):
     before = (out / "tokenizer.model").stat().st_mtime_ns
     summary = run("tiny", SMALL, str(out), progress=False)
     assert summary.train.resumed_from == 300 and summary.train.step == 300
+    assert summary.train.val_bpb == finished_run[1].train.val_bpb  # the report still has the numbers
     assert (out / "tokenizer.model").stat().st_mtime_ns == before
 
 

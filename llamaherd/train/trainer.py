@@ -173,7 +173,7 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, cons
     val_set = PackedDataset(cfg.data.val_dir) if cfg.data.val_dir else None
     for ds in filter(None, (train_set, val_set)):
         if ds.vocab_size != tokenizer.n_words:
-            raise HerdError(f"{ds.path if hasattr(ds, 'path') else cfg.data.train_dir}: packed with a vocabulary of "
+            raise HerdError(f"{ds.path}: packed with a vocabulary of "
                             f"{ds.vocab_size} tokens but tokenizer {tokenizer_path} has {tokenizer.n_words}")
     args = model_args(cfg, vocab_size=tokenizer.n_words)
     if "vocab_size" in cfg.model.overrides and cfg.model.overrides["vocab_size"] < tokenizer.n_words:
@@ -296,6 +296,13 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, cons
                 log(f"{stopped_by}: checkpoint written at step {step} ({last_ckpt}); run the same command to resume")
                 break
     metrics.close()
+    if step == start:  # nothing left to train: report what the log says
+        records = metrics.read()
+        losses = [r["loss"] for r in records if "loss" in r][-tcfg.log_every:]
+        vals = [r for r in records if "val_loss" in r]
+        train_loss = sum(losses) / len(losses) if losses else None
+        if vals:
+            val_loss, val_bpb = vals[-1]["val_loss"], vals[-1]["val_bpb"]
     elapsed = time.perf_counter() - t_run
     done = step - start
     return TrainResult(run_dir=run_dir, step=step, steps=tcfg.steps, resumed_from=start, stopped_by=stopped_by,
