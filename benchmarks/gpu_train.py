@@ -38,17 +38,11 @@ import torch.nn.functional as F
 from common import assert_same_logits, build_hf, build_ours, fmt_table, machine, print_machine, timed, write_json
 from llamaherd.model import flops_per_token, num_params, preset
 from llamaherd.model.masks import doc_mask
-
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s
-
+from llamaherd.train import metrics
 
 def peak_flops() -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name(0)
-    if "H100" in name and ("PCIe" in name or "NVL" in name):
-        return None  # lower peaks than the SXM part; we only state MFU for the parts we know
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+    """Dense bf16 peak of this GPU from the trainer's table (None: unknown part, no MFU)."""
+    return metrics.peak_flops(torch.device("cuda", 0)) if torch.cuda.is_available() else None
 
 
 def matmul_tflops(device: str, n: int = 8192, reps: int = 10) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from llamaherd.data.pack import DEFAULT_SHARD_TOKENS
+from llamaherd.data.sources import add_input_argument
 
 _FMT = argparse.ArgumentDefaultsHelpFormatter
 
@@ -22,15 +23,8 @@ def register(sub) -> None:
         formatter_class=_FMT,
     )
     p.add_argument("--tokenizer", required=True, metavar="PATH", help="tokenizer file")
-    p.add_argument(
-        "--input",
-        required=True,
-        nargs="+",
-        metavar="INPUT",
-        help="txt/jsonl/parquet files, directories, globs, or stdlib:train / stdlib:val",
-    )
+    add_input_argument(p, required=True)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--text-field", default="text", help="field holding the text in jsonl/parquet records")
     p.add_argument("--threads", type=int, default=0, help="tokenizer threads; 0: one per core")
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="most tokens per shard")
     p.add_argument("--overwrite", action="store_true", help="replace a packed dataset already in --out")

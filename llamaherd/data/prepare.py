@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from llamaherd.data.clean import CleanStats, clean_documents
-from llamaherd.data.sources import Document, read_documents
+from llamaherd.data.sources import Document, add_input_argument, read_documents
 from llamaherd.errors import HerdError
 
 MIN_CHARS = 32
@@ -78,15 +78,11 @@ def add_cli(data_subparsers: argparse._SubParsersAction) -> None:
         help="read raw text, drop empty/short/long/duplicate documents, write JSONL",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument(
-        "--input", nargs="+", default=["stdlib"], metavar="INPUT",
-        help="files (.txt/.jsonl/.parquet, optionally .gz/.zst), directories, globs, or stdlib[:train|val]",
-    )  # fmt: skip
+    add_input_argument(p)
     p.add_argument("--out", required=True, help="JSONL file to write (replaced atomically)")
     p.add_argument("--min-chars", type=int, default=MIN_CHARS, help="drop documents shorter than this")
     p.add_argument("--max-chars", type=int, default=MAX_CHARS, help="drop documents longer than this")
     p.add_argument("--max-docs", type=int, default=None, help="stop after keeping this many documents")
-    p.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
     p.set_defaults(func=_clean_cmd)
 
 

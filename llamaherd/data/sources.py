@@ -191,3 +191,12 @@ def _read_parquet(f, path: str, text_field: str) -> Iterator[Document]:
                 raise HerdError(f"{path}: row {row}: {text_field!r} is null; expected a string")
             yield Document(id=str(doc_id) if doc_id is not None else f"{path}:{row}", text=text, source=path)
             row += 1
+
+
+def add_input_argument(parser, required: bool = False) -> None:
+    """The ``--input`` and ``--text-field`` options every command that reads raw text shares."""
+    kw = {"required": True} if required else {"default": ["stdlib"]}
+    parser.add_argument("--input", nargs="+", metavar="INPUT", **kw,
+                        help="files (.txt/.jsonl/.parquet, optionally .gz/.zst), directories, globs, "
+                             "or stdlib[:train|val]")
+    parser.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")

@@ -21,17 +21,16 @@ from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
+from llamaherd.data.sources import add_input_argument
 from llamaherd.errors import HerdError
 from llamaherd.tokenizer.tiktoken_bpe import PAT_STR
 
 
 def byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-to-printable-character table, inverted: ByteLevel's stand-in character -> byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    table = {chr(b): b for b in printable}
-    table.update({chr(256 + i): b for i, b in enumerate(others)})
-    return table
+    """ByteLevel's stand-in character -> byte (GPT-2's byte-to-printable table, inverted)."""
+    from llamaherd.tokenizer.hf import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 def pre_tokenizer():
@@ -143,13 +142,9 @@ def add_cli(tokenizer_subparsers: argparse._SubParsersAction) -> None:
         help="train a byte-level BPE tokenizer (Llama 3 pre-split) on raw text",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument(
-        "--input", nargs="+", default=["stdlib"], metavar="INPUT",
-        help="files (.txt/.jsonl/.parquet, optionally .gz/.zst), directories, globs, or stdlib[:train|val]",
-    )  # fmt: skip
+    add_input_argument(p)
     p.add_argument("--vocab-size", type=int, default=8192, help="BPE ranks; the model adds 256 special tokens")
     p.add_argument("--out", default="tokenizer.model", help="tiktoken rank file to write")
-    p.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
     p.add_argument("--max-bytes", type=int, default=None, help="train on at most this many bytes of text")
     p.add_argument("--min-frequency", type=int, default=2, help="merge only pairs seen at least this often")
     p.set_defaults(func=_train_cmd)

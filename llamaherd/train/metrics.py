@@ -13,8 +13,9 @@ import torch
 from llamaherd.errors import HerdError
 
 # Peak dense bf16 FLOP/s by device name. An unknown device has no MFU: it is shown as unknown, never guessed.
-PEAK_FLOPS = {
+PEAK_FLOPS: dict[str, float | None] = {
     "H100 PCIe": 756e12,
+    "H100 NVL": None,  # a different peak we have not pinned down: no MFU rather than a wrong one
     "H100": 989e12,  # SXM / HBM3
     "H200": 989e12,
     "A100": 312e12,

@@ -265,14 +265,15 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, cons
             lr = lr_at(step, tcfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = 0.0
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: one sync a step
             for _ in range(tcfg.grad_accum):
                 batch = next(loader).to(device, non_blocking=True)
                 with amp():
                     logits = model(batch.inputs, doc_ids=batch.doc_ids)
                 loss = loss_fn(logits, batch.targets) / tcfg.grad_accum
                 loss.backward()
-                loss_sum += float(loss.detach())
+                loss_sum += loss.detach()
+            loss_sum = float(loss_sum)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
