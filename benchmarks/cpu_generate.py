@@ -5,9 +5,13 @@ batch 1, a 32-token prompt, 256 new tokens with no stop token. Before timing, bo
 the same logits and the same greedy tokens. Tokens/s counts new tokens over the whole call
 (prefill included).
 
+On CPU, generate() stores the wide float32 weight matrices column-major (same values) because
+MKL's matrix-vector product reads them faster that way; a row "HF ..., column-major weights" runs
+HF on the same layout, to show how much of the difference is layout and how much is overhead.
 A last row, "weight matvecs only", runs nothing but the matrix-vector products with every weight
-matrix that one decode step needs (7 per layer + the output head), n times: the memory traffic any
-implementation must pay. HF's time over it is the best ratio any implementation could reach here.
+matrix that one decode step needs (7 per layer + the output head, in our layout), n times:
+the memory traffic any implementation must pay. HF's time over it is the best ratio any
+implementation could reach here.
 
     python benchmarks/cpu_generate.py              # about 1 minute on a 2-core machine
     python benchmarks/cpu_generate.py --compile    # + generate(compile=True) (inductor, ~1 minute warm-up)
@@ -16,6 +20,7 @@ implementation must pay. HF's time over it is the best ratio any implementation 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
@@ -24,14 +29,18 @@ from torch import nn
 
 from common import (assert_same_logits, build_hf, build_ours, fmt_table, interleaved, machine, paired_ratio,
                     print_machine, stats, write_json)
-from llamaherd.generation import generate
+from llamaherd.generation import _column_major_weights, generate
 from llamaherd.model import preset
 
 
 def matvec_floor(model: nn.Module, n: int):
-    """n rounds of the matrix-vector products with every Linear weight: the weight traffic of n decode steps."""
-    weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
-    inputs = {w.shape[1]: torch.randn(1, 1, w.shape[1]) for w in weights}
+    """n rounds of the matrix-vector products with every Linear weight: the weight traffic of n decode steps.
+
+    Each weight is read in the memory order our decoding uses (see ``column_major_copy``).
+    """
+    layers = column_major_copy(nn.ModuleList(m for m in model.modules() if isinstance(m, nn.Linear)))
+    weights = [m.weight for m in layers]
+    inputs = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
 
     @torch.inference_mode()
     def run():
@@ -39,6 +48,13 @@ def matvec_floor(model: nn.Module, n: int):
             for w in weights:
                 F.linear(inputs[w.shape[1]], w)
     return run
+
+
+def column_major_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with its weight matrices in the memory order llamaherd's CPU decoding gives them."""
+    model = copy.deepcopy(model)
+    _column_major_weights(model)
+    return model
 
 
 def main() -> None:
@@ -54,6 +70,8 @@ def main() -> None:
                    help="torch threads, the same for every contender (0: torch's default)")
     p.add_argument("--no-static", action="store_true", help="skip HF with cache_implementation='static'")
     p.add_argument("--compile", action="store_true", help="add llamaherd generate(compile=True) (inductor on CPU)")
+    p.add_argument("--no-hf-column-major", action="store_true",
+                   help="skip HF with its weights stored column-major as ours are on CPU (how much is layout)")
     p.add_argument("--no-floor", action="store_true", help="skip the weight-matvec floor")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     a = p.parse_args()
@@ -76,9 +94,9 @@ def main() -> None:
     def run_ours():
         return generate(ours, [prompt[0].tolist()], max_new_tokens=n)[0]
 
-    def run_hf(**kw):
+    def run_hf(model=hf, **kw):
         with torch.inference_mode():
-            out = hf.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+            out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                               min_new_tokens=n, max_new_tokens=n, pad_token_id=0, **kw)
         return out[0, a.prompt_len:].tolist()
 
@@ -93,6 +111,9 @@ def main() -> None:
         print(f"compile warm-up {name}: {warmup_s[name]:.1f}s (first call)")
     if not a.no_static:
         contenders["HF static cache"] = lambda: run_hf(cache_implementation="static")
+    if not a.no_hf_column_major:
+        hf_cm = column_major_copy(hf)
+        contenders["HF dynamic cache, column-major weights"] = lambda: run_hf(hf_cm)
 
     ref = run_ours()
     assert len(ref) == n, f"llamaherd gave {len(ref)} tokens, expected {n}"

@@ -89,3 +89,38 @@ def test_context_overflow_and_bad_prompts_are_clear_errors(model):
     # generation stops at the context limit instead of overflowing it
     out = generate(model, [prompt(90, 0)], max_new_tokens=50)
     assert len(out[0]) == 6
+
+
+def test_cpu_decoding_reads_weights_column_major_with_the_same_values_and_tokens(tmp_path):
+    import llamaherd
+
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs(**{**ARGS.__dict__, "tie_embeddings": True})).eval()
+    m.init_weights(seed=1, std=0.2)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    p = prompt(9, 3)
+    expected = greedy_by_full_forward(m, p, 16)  # row-major weights
+
+    assert generate(m, [p], max_new_tokens=16) == [expected]
+    after = m.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    linears = [mod.weight for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
+    wide = [w for w in linears if w.shape[0] >= w.shape[1]]  # wq, wo, w1, w3, the (tied) output head
+    assert wide and all(w.stride() == (1, w.shape[0]) for w in wide)  # [out, in] stored as [in, out]
+    assert all(w.is_contiguous() for w in linears if w.shape[0] < w.shape[1])  # wk, wv, w2 stay row-major
+    ptrs = [w.data_ptr() for w in linears]
+    assert generate(m, [p], max_new_tokens=16) == [expected] and [w.data_ptr() for w in linears] == ptrs
+
+    half = Transformer(ARGS).to(torch.bfloat16).eval()
+    generate(half, [p], max_new_tokens=2)
+    assert all(p.is_contiguous() for p in half.parameters())  # bfloat16 products are slower column-major
+
+    # training and saving work unchanged on the new layout
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True)
+    tokens = torch.tensor([p])
+    loss = torch.nn.functional.cross_entropy(m(tokens)[0, :-1], tokens[0, 1:])
+    loss.backward()
+    opt.step()
+    llamaherd.save(m, tmp_path / "ckpt")
+    loaded, _ = llamaherd.load(tmp_path / "ckpt")
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in m.state_dict().items())
