@@ -1,13 +1,25 @@
 #!/usr/bin/env bash
-# Every GPU-side check and benchmark, in one command, for one H100/H200 (about 10 minutes in all):
+# Every GPU-side check and benchmark, in one command, for one H100/H200 (at most 9.5 minutes in all):
 #   bash benchmarks/gpu_all.sh [OUT_DIR]
-# Needs a CUDA build of torch and the dev extras (transformers) installed. Results: OUT_DIR/*.json.
+# Needs a CUDA build of torch and the dev extras (transformers) installed; PYTHON picks the interpreter
+# (default python3). Each step has its own time limit, so one that hangs cannot take the others' time.
+# Results: OUT_DIR/*.json and OUT_DIR/*.log.
 set -uo pipefail
 cd "$(dirname "$0")"
 out=${1:-../bench-out}
+py=${PYTHON:-python3}
 mkdir -p "$out"
+export PYTHONUNBUFFERED=1
 status=0
-python gpu_check.py --quick --out "$out/gpu_check.json" || status=1
-python gpu_decode.py --quick --out "$out/gpu_decode.json" || status=1
-python gpu_train.py --quick --out "$out/gpu_train.json" || status=1
+step() {  # step SECONDS NAME SCRIPT ARGS...
+    local limit=$1 name=$2
+    shift 2
+    echo "=== $name (limit ${limit}s)"
+    timeout "$limit" "$py" "$@" --out "$out/$name.json" 2>&1 | tee "$out/$name.log"
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 0 ] || { echo "=== $name: exit status $rc"; status=1; }
+}
+step 170 gpu_check gpu_check.py --quick
+step 190 gpu_decode gpu_decode.py --quick
+step 200 gpu_train gpu_train.py --quick
 exit $status

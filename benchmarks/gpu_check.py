@@ -118,6 +118,8 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="smaller shapes and fewer steps")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     a = p.parse_args()
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("error: no CUDA device (these checks are for a GPU; --device cpu --quick runs a smoke test)")
     print_machine(machine())
     results, failed = {}, False
     for name, fn in (("flex_vs_dense", check_flex), ("compiled_decode", check_compiled_decode),
