@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU-side check and benchmark, in one command, for one H100/H200 (at most 9.5 minutes in all):
+# Every GPU-side check and benchmark, in one command, for one H100/H200 (at most 9 min 40 s in all):
 #   bash benchmarks/gpu_all.sh [OUT_DIR]
 # Needs a CUDA build of torch and the dev extras (transformers) installed; PYTHON picks the interpreter
 # (default python3). Each step has its own time limit, so one that hangs cannot take the others' time.
@@ -19,7 +19,7 @@ step() {  # step SECONDS NAME SCRIPT ARGS...
     local rc=${PIPESTATUS[0]}
     [ "$rc" -eq 0 ] || { echo "=== $name: exit status $rc"; status=1; }
 }
-step 170 gpu_check gpu_check.py --quick
-step 190 gpu_decode gpu_decode.py --quick
+step 150 gpu_check gpu_check.py --quick
+step 230 gpu_decode gpu_decode.py --quick
 step 200 gpu_train gpu_train.py --quick
 exit $status

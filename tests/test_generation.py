@@ -124,3 +124,9 @@ def test_cpu_decoding_reads_weights_column_major_with_the_same_values_and_tokens
     llamaherd.save(m, tmp_path / "ckpt")
     loaded, _ = llamaherd.load(tmp_path / "ckpt")
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in m.state_dict().items())
+
+
+def test_compiled_decoding_gives_the_same_tokens(model):
+    """generate(compile=True) (inductor here; CUDA graphs on a GPU) against the eager decode loop."""
+    prompts = [prompt(3, 7), prompt(8, 8)]
+    assert generate(model, prompts, max_new_tokens=10, compile=True) == generate(model, prompts, max_new_tokens=10)
