@@ -2,9 +2,11 @@
 
 The llama3.2-1b shape with seeded random weights (float32 master weights), batch 4 x 2048 tokens,
 bfloat16 autocast, fused AdamW; a step is forward, cross-entropy (float32), backward and the
-optimizer step, written the same way for both models. Contenders:
+optimizer step. Contenders:
 
-  llamaherd compiled          torch.compile of forward + loss
+  llamaherd compiled          as `herd pretrain` with train.compile=true runs it: each block compiled
+                              (llamaherd.train.parallel.prepare_model) and the loss compiled;
+                              --whole-graph compiles forward + loss as one graph instead
   llamaherd compiled + flex   the same on packed rows of 8 documents: FlexAttention block mask (--doc-mask)
   llamaherd eager             no compilation (--eager)
   HF eager                    LlamaForCausalLM, SDPA attention
@@ -39,6 +41,8 @@ from common import assert_same_logits, build_hf, build_ours, fmt_table, machine,
 from llamaherd.model import flops_per_token, num_params, preset
 from llamaherd.model.masks import doc_mask
 from llamaherd.train import metrics
+from llamaherd.train.parallel import prepare_model
+from llamaherd.train.trainer import loss_fn
 
 def peak_flops() -> float | None:
     """Dense bf16 peak of this GPU from the trainer's table (None: unknown part, no MFU)."""
@@ -78,6 +82,8 @@ def main() -> None:
     p.add_argument("--doc-mask", action="store_true", help="add llamaherd compiled on packed rows (flex block mask)")
     p.add_argument("--docs", type=int, default=8, help="documents per packed row with --doc-mask")
     p.add_argument("--eager", action="store_true", help="add llamaherd eager")
+    p.add_argument("--whole-graph", action="store_true",
+                   help="compile llamaherd's forward + loss as one graph, as HF compiled is (default: as the trainer)")
     p.add_argument("--no-compile", action="store_true", help="skip every compiled contender")
     p.add_argument("--no-hf", action="store_true", help="skip every Hugging Face contender")
     p.add_argument("--no-hf-compile", action="store_true", help="skip HF compiled")
@@ -160,13 +166,23 @@ def main() -> None:
             fwd = forward_of(model)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
 
-            def loss_of(t, target, fwd=fwd):
-                with torch.autocast(device_type, dtype=torch.bfloat16, enabled=use_amp):
-                    logits = fwd(t)
-                return F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
+            if compiled and name.startswith("llamaherd") and not a.whole_graph:
+                # exactly what `herd pretrain` with train.compile=true runs: each block compiled, and the loss
+                prepare_model(model, compile=True)
+                compiled_loss = torch.compile(loss_fn)
 
-            if compiled:
-                loss_of = torch.compile(loss_of)
+                def loss_of(t, target, fwd=fwd):
+                    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=use_amp):
+                        logits = fwd(t)
+                    return compiled_loss(logits, target)
+            else:
+                def loss_of(t, target, fwd=fwd):
+                    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=use_amp):
+                        logits = fwd(t)
+                    return F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
+
+                if compiled:
+                    loss_of = torch.compile(loss_of)
 
             def step():
                 loss = loss_of(x, y)

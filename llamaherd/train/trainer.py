@@ -224,6 +224,7 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, cons
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
     prepare_model(model, activation_checkpointing=tcfg.activation_checkpointing, compile=tcfg.compile)
+    train_loss_fn = torch.compile(loss_fn) if tcfg.compile else loss_fn  # fuses the float32 upcast into the loss
 
     metrics = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if tcfg.tensorboard else None)
     metrics.truncate_after(start)  # records past the checkpoint are redone, bit for bit
@@ -270,7 +271,7 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, cons
                 batch = next(loader).to(device, non_blocking=True)
                 with amp():
                     logits = model(batch.inputs, doc_ids=batch.doc_ids)
-                loss = loss_fn(logits, batch.targets) / tcfg.grad_accum
+                loss = train_loss_fn(logits, batch.targets) / tcfg.grad_accum
                 loss.backward()
                 loss_sum += loss.detach()
             loss_sum = float(loss_sum)
