@@ -15,6 +15,7 @@ import torch
 
 from llamaherd.errors import HerdError
 
+_CHECK_EVERY = 8  # decode steps between checks for the end when no token is streamed
 _COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, Callable]" = weakref.WeakKeyDictionary()
 
 
@@ -122,24 +123,28 @@ def generate(
     decode = _decoder(model, compile)
     try:
         done = torch.zeros(batch, dtype=torch.bool, device=device)
-        out: list[list[int]] = [[] for _ in range(batch)]
+        emitted = torch.zeros(batch, total_len, dtype=torch.bool, device=device)  # where each row's new tokens are
+        positions = torch.arange(total_len, device=device)
         kv_len = None if compile else shortest
-        logits = model(tokens[:, :shortest], input_pos=torch.arange(shortest, device=device), kv_len=kv_len,
-                       last_only=True)
+        logits = model(tokens[:, :shortest], input_pos=positions[:shortest], kv_len=kv_len, last_only=True)
         for cur in range(shortest, total_len):
             nxt = sample(logits[:, -1], temperature, top_p, top_k, generator)
             nxt = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
             tokens[:, cur] = nxt
             new = ~in_prompt[:, cur] & ~done
+            emitted[:, cur] = new
             done |= new & (torch.isin(nxt, stops) | (cur + 1 - prompt_len >= max_new_tokens))
-            for i in new.nonzero().flatten().tolist():
-                out[i].append(int(nxt[i]))
-                if on_token is not None:
-                    on_token(i, out[i][-1])
-            if bool(done.all()) or cur + 1 == total_len:
+            if on_token is not None:
+                for i in new.nonzero().flatten().tolist():
+                    on_token(i, int(nxt[i]))
+            # Reading `done` makes the host wait for the device, which then idles while the host
+            # prepares the next step: without streaming, look only every few steps (the extra
+            # steps' tokens are not emitted).
+            check = on_token is not None or (cur - shortest) % _CHECK_EVERY == _CHECK_EVERY - 1
+            if cur + 1 == total_len or (check and bool(done.all())):
                 break
             kv_len = None if compile else cur + 1
-            logits = decode(nxt[:, None].clone(), input_pos=torch.tensor([cur], device=device), kv_len=kv_len)
-        return out
+            logits = decode(nxt[:, None].clone(), input_pos=positions[cur : cur + 1], kv_len=kv_len)
+        return [tokens[i, emitted[i]].tolist() for i in range(batch)]
     finally:
         model.clear_cache()
