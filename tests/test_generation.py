@@ -130,3 +130,21 @@ def test_compiled_decoding_gives_the_same_tokens(model):
     """generate(compile=True) (inductor here; CUDA graphs on a GPU) against the eager decode loop."""
     prompts = [prompt(3, 7), prompt(8, 8)]
     assert generate(model, prompts, max_new_tokens=10, compile=True) == generate(model, prompts, max_new_tokens=10)
+
+
+def test_decoding_ends_soon_after_every_row_stops(model):
+    """The end is checked every few steps unless tokens are streamed; extra steps emit nothing."""
+    p = prompt(10, 5)
+    free = generate(model, [p], max_new_tokens=40)[0]
+    stop = free[3]
+    first = free.index(stop)
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        assert generate(model, [p], max_new_tokens=40, stop_tokens=[stop]) == [free[: first + 1]]
+        assert first + 1 <= len(calls) <= first + 1 + 8  # prefill + one step per token, + at most 8 unchecked
+        calls.clear()
+        generate(model, [p], max_new_tokens=40, stop_tokens=[stop], on_token=lambda *_: None)
+        assert len(calls) == first + 1  # streaming: checked at every step
+    finally:
+        hook.remove()
