@@ -54,6 +54,16 @@ def _column_major_weights(model: torch.nn.Module) -> None:
             module.weight.data = w.data.t().contiguous().t()
 
 
+def _cache_length(total_len: int, max_seq_len: int, graphs: bool) -> int:
+    """Positions in the KV cache. A compiled step and its CUDA graph are specialized to the cache's
+    shape, so with ``graphs`` the length is rounded up to a power of two (at least 256, at most
+    ``max_seq_len``) for other prompt and output lengths to reuse them. The extra positions are
+    masked; on a GPU reading them costs little next to the weights (on a CPU, more)."""
+    if not graphs:
+        return total_len
+    return min(max_seq_len, max(256, 1 << (total_len - 1).bit_length()))
+
+
 def _decoder(model: torch.nn.Module, compile: bool) -> Callable:
     """The callable for one-token decode steps: the model itself, or a compiled copy.
 
@@ -86,7 +96,7 @@ def generate(
     A row stops after ``max_new_tokens`` new tokens or at its first stop token (included in its
     output). ``on_token(row, token_id)`` is called for every new token as it is produced.
     ``compile`` decodes through ``torch.compile`` with CUDA graphs (for GPUs; the first call compiles;
-    see ``_decoder``).
+    see ``_decoder``); the KV cache then stays allocated between calls (``model.clear_cache()``).
     On CPU the first call stores some float32 weight matrices column-major in place (same values;
     see ``_column_major_weights``).
     """
@@ -119,7 +129,8 @@ def generate(
 
     if device.type == "cpu":
         _column_major_weights(model)
-    model.setup_cache(batch, total_len)
+    cache_len = _cache_length(total_len, max_seq_len, graphs=compile and device.type == "cuda")
+    model.setup_cache(batch, cache_len)
     decode = _decoder(model, compile)
     try:
         done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -147,4 +158,5 @@ def generate(
             logits = decode(nxt[:, None].clone(), input_pos=positions[cur : cur + 1], kv_len=kv_len)
         return [tokens[i, emitted[i]].tolist() for i in range(batch)]
     finally:
-        model.clear_cache()
+        if not compile:  # compiled decoding keeps its cache (and so its CUDA graph); model.clear_cache() frees it
+            model.clear_cache()

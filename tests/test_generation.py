@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llamaherd.errors import HerdError
-from llamaherd.generation import generate, sample
+from llamaherd.generation import _cache_length, generate, sample
 from llamaherd.model import ModelArgs, Transformer
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, multiple_of=32, max_seq_len=96)
@@ -148,3 +148,24 @@ def test_decoding_ends_soon_after_every_row_stops(model):
         assert len(calls) == first + 1  # streaming: checked at every step
     finally:
         hook.remove()
+
+
+def test_compiled_decoding_keeps_its_cache_between_calls(model):
+    """The cache stays allocated, zeroed and reused by a call of the same shape, so the compiled step
+    (and on a GPU its captured CUDA graph, with the cache rounded up to a power of two) is reused."""
+    p = prompt(5, 9)
+    first = generate(model, [p], max_new_tokens=7, compile=True)
+    cache = model.layers[0].attention.cache
+    assert cache is not None and cache.k.shape[2] == 12
+    again = generate(model, [p[:3]], max_new_tokens=9, compile=True)  # the same total length
+    assert model.layers[0].attention.cache is cache
+    assert first == generate(model, [p], max_new_tokens=7)
+    assert again == generate(model, [p[:3]], max_new_tokens=9)
+    model.clear_cache()
+
+
+def test_cache_length_for_cuda_graphs_is_a_power_of_two():
+    lengths = [_cache_length(n, 8192, graphs=True) for n in (1, 100, 256, 257, 272, 5000)]
+    assert lengths == [256, 256, 256, 512, 512, 8192]
+    assert _cache_length(5000, 4096, graphs=True) == 4096 and _cache_length(100, 200, graphs=True) == 200
+    assert _cache_length(272, 8192, graphs=False) == 272

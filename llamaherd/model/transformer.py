@@ -205,14 +205,25 @@ class Transformer(nn.Module):
     _cache_mask: torch.Tensor | None = None
 
     def setup_cache(self, batch_size: int, max_seq_len: int | None = None, dtype=None, device=None) -> None:
-        """Allocate a static KV cache for decoding ``batch_size`` rows of up to ``max_seq_len`` tokens."""
+        """A static KV cache for decoding ``batch_size`` rows of up to ``max_seq_len`` tokens.
+
+        A cache of the same shape that is already there is zeroed and kept, so that its tensors keep
+        their addresses (a captured CUDA graph stays valid).
+        """
         max_seq_len = max_seq_len or self.args.max_seq_len
         w = self.tok_embeddings.weight
-        dtype, device = dtype or w.dtype, device or w.device
+        dtype, device = dtype or w.dtype, torch.device(device) if device is not None else w.device
+        shape = (batch_size, self.args.n_kv_heads, max_seq_len, self.args.head_dim)
         for layer in self.layers:
-            layer.attention.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim,
-                                            dtype, device)
-        self._cache_mask = torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device).tril()
+            cache = layer.attention.cache
+            if cache is not None and (cache.k.shape, cache.k.dtype, cache.k.device) == (shape, dtype, device):
+                cache.k.zero_()
+                cache.v.zero_()
+            else:
+                layer.attention.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim,
+                                                dtype, device)
+        if self._cache_mask is None or self._cache_mask.shape[0] != max_seq_len or self._cache_mask.device != device:
+            self._cache_mask = torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device).tril()
 
     def clear_cache(self) -> None:
         for layer in self.layers:
