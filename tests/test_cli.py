@@ -38,12 +38,14 @@ def checkpoint(tmp_path, make_tiny_model, small_tokenizer):
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_generate_prints_the_greedy_completion(capsys, checkpoint):
+@pytest.mark.parametrize("extra", [[], ["--compile"]])
+def test_generate_prints_the_greedy_completion(capsys, checkpoint, extra):
     path, model, tok = checkpoint
     ids = tok.encode("the cat", bos=True)
     want = generate(model, [ids], max_new_tokens=12, stop_tokens=tok.stop_tokens)[0]
     want_text = tok.decode([t for t in want if t not in tok.stop_tokens])
-    assert main(["generate", str(path), "--prompt", "the cat", "--temperature", "0", "--max-new-tokens", "12"]) == 0
+    argv = ["generate", str(path), "--prompt", "the cat", "--temperature", "0", "--max-new-tokens", "12", *extra]
+    assert main(argv) == 0
     assert capsys.readouterr().out == want_text + "\n"
 
 
