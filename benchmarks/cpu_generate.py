@@ -29,7 +29,7 @@ from torch import nn
 
 from common import (assert_same_logits, build_hf, build_ours, fmt_table, interleaved, machine, paired_ratio,
                     print_machine, stats, write_json)
-from llamaherd.generation import _column_major_weights, generate
+from llamaherd.generation import _cpu_decode_layout, generate
 from llamaherd.model import preset
 
 
@@ -53,7 +53,7 @@ def matvec_floor(model: nn.Module, n: int):
 def column_major_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with its weight matrices in the memory order llamaherd's CPU decoding gives them."""
     model = copy.deepcopy(model)
-    _column_major_weights(model)
+    _cpu_decode_layout(model)
     return model
 
 

@@ -39,19 +39,27 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, t
 
 @torch.inference_mode(False)  # new weights must stay usable for training after generate()
 @torch.no_grad()
-def _column_major_weights(model: torch.nn.Module) -> None:
-    """Store float32 Linear weights [out, in] with out >= in column-major: as the transpose of an [in, out] tensor.
+def _cpu_decode_layout(model: torch.nn.Module) -> None:
+    """Store each Linear weight [out, in] in the memory order that CPU decoding reads fastest.
 
-    Same shapes and values; only the memory order changes. Decoding is a chain of matrix-vector
-    products that read every weight once per token, and on CPU MKL's float32 product reads a matrix
-    fastest along its longer side: the output head, w1, w3 and square matrices go 1.0-1.5x faster
-    stored this way, the narrow ones (w2, wk, wv at large dims) slower, and bfloat16 weights 20x
-    slower (docs/benchmarks.md). Prefill, training and saving work unchanged with either order.
+    Same shapes and values; only the order changes. Decoding is a chain of matrix-vector products
+    that read every weight once per token, and MKL's float32 product reads a matrix fastest along
+    its longer side: the output head, w1, w3 and square matrices go 1.0-1.5x faster column-major
+    (as the transpose of an [in, out] tensor), the narrow ones (w2, wk, wv at large dims) slower,
+    and bfloat16 weights 20x slower (docs/benchmarks.md). So float32 matrices with out >= in are
+    made column-major and every other one row-major (it may have been converted before a change of
+    dtype). Prefill, training and saving work unchanged with either order.
     """
     for module in model.modules():
-        w = module.weight if isinstance(module, torch.nn.Linear) else None
-        if w is not None and w.dtype == torch.float32 and w.shape[0] >= w.shape[1] and w.is_contiguous():
-            module.weight.data = w.data.t().contiguous().t()
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        w = module.weight
+        column_major = w.t().is_contiguous() and not w.is_contiguous()
+        if w.dtype == torch.float32 and w.shape[0] >= w.shape[1]:
+            if w.is_contiguous():
+                module.weight.data = w.data.t().contiguous().t()
+        elif column_major:
+            module.weight.data = w.data.contiguous()
 
 
 def _cache_length(total_len: int, max_seq_len: int, graphs: bool) -> int:
@@ -98,7 +106,7 @@ def generate(
     ``compile`` decodes through ``torch.compile`` with CUDA graphs (for GPUs; the first call compiles;
     see ``_decoder``); the KV cache then stays allocated between calls (``model.clear_cache()``).
     On CPU the first call stores some float32 weight matrices column-major in place (same values;
-    see ``_column_major_weights``).
+    see ``_cpu_decode_layout``).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise HerdError("generate: every prompt needs at least one token")
@@ -128,7 +136,7 @@ def generate(
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
     if device.type == "cpu":
-        _column_major_weights(model)
+        _cpu_decode_layout(model)
     cache_len = _cache_length(total_len, max_seq_len, graphs=compile and device.type == "cuda")
     model.setup_cache(batch, cache_len)
     decode = _decoder(model, compile)

@@ -114,6 +114,10 @@ def test_cpu_decoding_reads_weights_column_major_with_the_same_values_and_tokens
     half = Transformer(ARGS).to(torch.bfloat16).eval()
     generate(half, [p], max_new_tokens=2)
     assert all(p.is_contiguous() for p in half.parameters())  # bfloat16 products are slower column-major
+    converted = Transformer(ARGS).eval()
+    generate(converted, [p], max_new_tokens=2)
+    generate(converted.to(torch.bfloat16), [p], max_new_tokens=2)  # a float32 model made bfloat16 after decoding
+    assert all(p.is_contiguous() for p in converted.parameters())
 
     # training and saving work unchanged on the new layout
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True)
