@@ -19,8 +19,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--compile", action="store_true",
-                   help="decode through torch.compile with CUDA graphs: much faster on a GPU after a first "
-                        "call that compiles (about a minute)")
+                   help="decode through torch.compile with CUDA graphs: faster on a GPU, after a first "
+                        "call that compiles")
 
 
 def register(sub) -> None:
