@@ -217,6 +217,7 @@ def main() -> None:
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
+            write_json(a.out, result)  # after every contender: a run stopped at its time limit keeps what it has
 
     print()
     print(fmt_table(["", "ms/step (median)", "ms (min-max)", "tok/s", "TFLOP/s", "MFU", "peak GiB",
