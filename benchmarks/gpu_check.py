@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from common import machine, print_machine, write_json
+from common import machine, print_machine, timed, write_json
 from llamaherd.generation import generate
 from llamaherd.model import ModelArgs, Transformer
 from llamaherd.model.masks import doc_mask
@@ -89,7 +89,6 @@ def check_attention_timing(device: str, quick: bool) -> dict:
         return {"ok": True, "skipped": "CUDA only (FlexAttention has no backward on CPU)"}
     import torch.nn.functional as F
 
-    from common import timed
     from llamaherd.model.transformer import _flex_attention
 
     seq, heads, kv_heads, dim, docs = 8192, 32, 8, 128, 8
