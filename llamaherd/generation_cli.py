@@ -17,7 +17,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
+                   help="weights dtype (default: bfloat16 on GPU; on CPU the checkpoint's own dtype)")
     p.add_argument("--compile", action="store_true",
                    help="decode through torch.compile with CUDA graphs: faster on a GPU, after a first "
                         "call that compiles")
