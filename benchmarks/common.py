@@ -100,6 +100,23 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def add_threads_argument(p) -> None:
+    """--threads for a CPU benchmark: the same torch thread count for every contender."""
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads, the same for every contender (0: torch's default)")
+
+
+def set_threads(threads: int) -> None:
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def require_device(device: str) -> None:
+    """Exit with a one-line error when a CUDA device is asked for and there is none."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("error: no CUDA device (this script is for a GPU; --device cpu runs a smoke test)")
+
+
 def timed(fn: Callable[[], object]) -> float:
     """Seconds taken by one call of ``fn`` (GPU work included)."""
     _sync()

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import (assert_same_logits, build_hf, build_ours, fmt_table, interleaved, machine, paired_ratio,
-                    print_machine, stats, write_json)
+from common import (add_threads_argument, assert_same_logits, build_hf, build_ours, fmt_table, interleaved,
+                    machine, paired_ratio, print_machine, set_threads, stats, write_json)
 from llamaherd.generation import _cpu_decode_layout, generate
 from llamaherd.model import preset
 
@@ -66,8 +66,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=7, help="timed rounds (each runs every contender once)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--std", type=float, default=0.02, help="std of the random weights")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads, the same for every contender (0: torch's default)")
+    add_threads_argument(p)
     p.add_argument("--no-static", action="store_true", help="skip HF with cache_implementation='static'")
     p.add_argument("--compile", action="store_true", help="add llamaherd generate(compile=True) (inductor on CPU)")
     p.add_argument("--no-hf-column-major", action="store_true",
@@ -75,8 +74,7 @@ def main() -> None:
     p.add_argument("--no-floor", action="store_true", help="skip the weight-matvec floor")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     a = p.parse_args()
-    if a.threads > 0:
-        torch.set_num_threads(a.threads)
+    set_threads(a.threads)
 
     info = machine()
     print_machine(info)

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import (assert_same_logits, build_hf, build_ours, fmt_table, interleaved, machine, paired_ratio,
-                    print_machine, stats, write_json)
+from common import (add_threads_argument, assert_same_logits, build_hf, build_ours, fmt_table, interleaved,
+                    machine, paired_ratio, print_machine, set_threads, stats, write_json)
 from llamaherd.model import flops_per_token, preset
 
 
@@ -63,16 +63,14 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--reps", type=int, default=6, help="timed rounds (each runs one step of every contender)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per contender after compile warm-up")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads, the same for every contender (0: torch's default)")
+    add_threads_argument(p)
     p.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) instead of the foreach default")
     p.add_argument("--no-compile", action="store_true", help="eager contenders only")
     p.add_argument("--hf-compile", action="store_true", help="add the compiled Hugging Face contender")
     p.add_argument("--no-floor", action="store_true", help="skip the GEMMs-only floor")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     a = p.parse_args()
-    if a.threads > 0:
-        torch.set_num_threads(a.threads)
+    set_threads(a.threads)
 
     info = machine()
     print_machine(info)

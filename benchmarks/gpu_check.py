@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from common import machine, print_machine, timed, write_json
+from common import machine, print_machine, require_device, timed, write_json
 from llamaherd.generation import generate
 from llamaherd.model import ModelArgs, Transformer
 from llamaherd.model.masks import doc_mask
@@ -164,8 +164,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="smaller shapes and fewer steps")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     a = p.parse_args()
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit("error: no CUDA device (these checks are for a GPU; --device cpu --quick runs a smoke test)")
+    require_device(a.device)
     print_machine(machine())
     results, failed = {}, False
     for name, fn in (("flex_vs_dense", check_flex), ("compiled_decode", check_compiled_decode),

@@ -24,13 +24,12 @@ bfloat16 the two rounding orders differ, so the tokens may part after a while).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import torch
 
 from common import (assert_same_logits, build_hf, build_ours, fmt_table, interleaved, machine, paired_ratio,
-                    print_machine, stats, timed, write_json)
+                    print_machine, require_device, stats, timed, write_json)
 from llamaherd.generation import generate
 from llamaherd.model import preset
 
@@ -86,8 +85,7 @@ def main() -> None:
     a = p.parse_args()
     if a.quick:
         a.new_tokens, a.reps = min(a.new_tokens, 128), 1
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit("error: no CUDA device (this benchmark is for a GPU; --device cpu runs a smoke test)")
+    require_device(a.device)
     t_start = time.perf_counter()
     dtype, n = DTYPES[a.dtype], a.new_tokens
 

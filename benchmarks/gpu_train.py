@@ -31,13 +31,13 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from common import assert_same_logits, build_hf, build_ours, fmt_table, machine, print_machine, timed, write_json
+from common import (assert_same_logits, build_hf, build_ours, fmt_table, machine, print_machine, require_device,
+                    timed, write_json)
 from llamaherd.model import flops_per_token, num_params, preset
 from llamaherd.model.masks import doc_mask
 from llamaherd.train import metrics
@@ -92,8 +92,7 @@ def main() -> None:
     a = p.parse_args()
     if a.quick:
         a.warmup, a.steps = min(a.warmup, 2), min(a.steps, 4)
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit("error: no CUDA device (this benchmark is for a GPU; --device cpu runs a smoke test)")
+    require_device(a.device)
     t_start = time.perf_counter()
     cuda = a.device.startswith("cuda")
 
