@@ -54,11 +54,10 @@ def _cpu_decode_layout(model: torch.nn.Module) -> None:
         if not isinstance(module, torch.nn.Linear):
             continue
         w = module.weight
-        column_major = w.t().is_contiguous() and not w.is_contiguous()
         if w.dtype == torch.float32 and w.shape[0] >= w.shape[1]:
             if w.is_contiguous():
                 module.weight.data = w.data.t().contiguous().t()
-        elif column_major:
+        elif not w.is_contiguous():
             module.weight.data = w.data.contiguous()
 
 
