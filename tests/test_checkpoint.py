@@ -363,7 +363,8 @@ def _mapped_files() -> list[tuple[int, int, str]]:
     return spans
 
 
-@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(),
+                    reason="finds the memory-mapped files through Linux's /proc/self/maps, which this OS lacks")
 @pytest.mark.parametrize("layout", ["herd", "meta"])
 def test_loaded_weights_are_views_of_the_mapped_files(tmp_path, make_tiny_model, layout):
     save(make_tiny_model(), tmp_path / "ck", layout=layout)
@@ -394,7 +395,8 @@ MEASURE_PEAK = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(),
+                    reason="resets the peak-memory counter through Linux's /proc/self/clear_refs, which this OS lacks")
 def test_loading_a_46mb_checkpoint_adds_far_less_than_its_size(tmp_path):
     """Peak resident memory added by ``load``: a loader that copied the weights would add at least the
     checkpoint's size; ours maps the files and copies only the permuted q and k (a few MB)."""
