@@ -8,6 +8,8 @@ one static cache and one causal mask serve the whole batch.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import weakref
 from typing import Callable, Sequence
 
@@ -16,7 +18,8 @@ import torch
 from llamaherd.errors import HerdError
 
 _CHECK_EVERY = 8  # decode steps between checks for the end when no token is streamed
-_COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, Callable]" = weakref.WeakKeyDictionary()
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its compiled decode step (GPU)
+_LIBRARIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {shapes: AOTInductor library} (CPU)
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int | None = None,
@@ -61,28 +64,95 @@ def _cpu_decode_layout(model: torch.nn.Module) -> None:
             module.weight.data = w.data.contiguous()
 
 
-def _cache_length(total_len: int, max_seq_len: int, graphs: bool) -> int:
-    """Positions in the KV cache. A compiled step and its CUDA graph are specialized to the cache's
-    shape, so with ``graphs`` the length is rounded up to a power of two (at least 256, at most
-    ``max_seq_len``) for other prompt and output lengths to reuse them. The extra positions are
-    masked; on a GPU reading them costs little next to the weights (on a CPU, more)."""
-    if not graphs:
+def _cache_length(total_len: int, max_seq_len: int, compiled: bool) -> int:
+    """Positions in the KV cache. A compiled step (and its CUDA graph) is specialized to the cache's
+    shape, so when ``compiled`` the length is rounded up to a power of two (at least 256, at most
+    ``max_seq_len``) for other prompt and output lengths to reuse it. The extra positions are masked."""
+    if not compiled:
         return total_len
     return min(max_seq_len, max(256, 1 << (total_len - 1).bit_length()))
 
 
-def _decoder(model: torch.nn.Module, compile: bool) -> Callable:
-    """The callable for one-token decode steps: the model itself, or a compiled copy.
+class _DecodeStep(torch.nn.Module):
+    """One decode step as a module to export: tokens [B, 1] at position ``input_pos`` [1] -> logits.
 
-    Compiled as gpt-fast does: mode "reduce-overhead" (each step replays one CUDA graph) plus
-    coordinate-descent tuning of the generated GPU kernels' block sizes. Neither applies on CPU.
+    ``filled`` is any tensor whose length is the number of filled cache positions (``kv_len``): a
+    dimension that export can leave symbolic, where a Python int would be baked in.
     """
-    if not compile:
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens, input_pos=input_pos, kv_len=filled.shape[0])
+
+
+def _cpu_decoder(model: torch.nn.Module, batch: int) -> Callable:
+    """The decode step compiled ahead of time by AOTInductor: one call into a C++ library per token.
+
+    Under ``torch.compile`` each step on a CPU pays ~2 ms of Python: guards on every weight and a
+    Python call per generated kernel, about as much as reading the weights themselves. AOTInductor
+    compiles the exported step, with a C++ wrapper, into a shared library. The number of filled
+    cache positions is a symbolic size, so attention reads only those (no mask) and every step runs
+    the same library. The library's constants (weights, RoPE tables, KV cache) are not copied in:
+    it is given pointers to the model's own tensors before every call, so it always sees the
+    current weights and fills the model's cache. One library is built per model, batch size, cache
+    length and weight dtypes/strides.
+    """
+    step = _DecodeStep(model)
+    tensors = {**dict(step.named_parameters(remove_duplicate=False)), **dict(step.named_buffers())}
+    key = (batch, tuple((name, t.dtype, t.shape, t.stride()) for name, t in tensors.items()))
+    cache_len = model.layers[0].attention.cache.k.shape[2]
+    built = _LIBRARIES.setdefault(model, {})
+    if key not in built:
+        from torch._inductor import aoti_compile_and_package, aoti_load_package, config
+
+        # Up to cache_len - 1 filled positions while decoding; a slice as long as the cache would be
+        # a special case that export refuses to keep symbolic.
+        filled = torch.export.Dim("kv_len", min=2, max=cache_len - 1)
+        example = (torch.zeros(batch, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.zeros(2))
+        shapes = {"tokens": None, "input_pos": None, "filled": {0: filled}}
+        with torch.inference_mode(False), torch.no_grad():
+            program = torch.export.export(step, example, dynamic_shapes=shapes)
+            with tempfile.TemporaryDirectory() as tmp, config.patch({"aot_inductor.package_constants_in_so": False}):
+                package = aoti_compile_and_package(program, package_path=os.path.join(tmp, "step.pt2"))
+                built[key] = aoti_load_package(package)
+    library = built[key]
+    library.load_constants({name: tensors[name] for name in library.get_constant_fqns()},
+                           check_full_update=True, user_managed=True)
+    run = library.loader.boxed_run  # the package's __call__ re-flattens its arguments at every step (~0.2 ms)
+    lengths = torch.empty(cache_len)
+    return lambda tokens, input_pos, kv_len: run([tokens, input_pos, lengths[:kv_len]])[0]
+
+
+def _decoder(model: torch.nn.Module, compile: bool, batch: int) -> Callable:
+    """The one-token decode step ``(tokens [B, 1], input_pos [1], kv_len) -> logits``: the model
+    itself, or a compiled step.
+
+    On a GPU, compiled as gpt-fast does: mode "reduce-overhead" (each step replays one CUDA graph
+    over the whole static cache, masked) plus coordinate-descent tuning of the generated kernels'
+    block sizes. On a CPU, ahead of time (see ``_cpu_decoder``); a cache of under 4 positions
+    leaves nothing worth compiling.
+    """
+    cache_len = model.layers[0].attention.cache.k.shape[2]
+    if not compile or cache_len < 4:
         return model
+    if model.tok_embeddings.weight.device.type == "cpu":
+        return _cpu_decoder(model, batch)
     if model not in _COMPILED:
         options = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
         _COMPILED[model] = torch.compile(model, fullgraph=True, dynamic=False, options=options)
-    return _COMPILED[model]
+    compiled = _COMPILED[model]
+    return lambda tokens, input_pos, kv_len: compiled(tokens, input_pos=input_pos)
+
+
+def _until_stop(ids: list[int], stops: set[int]) -> list[int]:
+    """``ids`` up to and including the first stop token."""
+    for n, t in enumerate(ids):
+        if t in stops:
+            return ids[: n + 1]
+    return ids
 
 
 @torch.inference_mode()
@@ -136,34 +206,35 @@ def generate(
 
     if device.type == "cpu":
         _cpu_decode_layout(model)
-    cache_len = _cache_length(total_len, max_seq_len, graphs=compile and device.type == "cuda")
-    model.setup_cache(batch, cache_len)
-    decode = _decoder(model, compile)
+    model.setup_cache(batch, _cache_length(total_len, max_seq_len, compiled=compile))
+    decode = _decoder(model, compile, batch)
     try:
-        done = torch.zeros(batch, dtype=torch.bool, device=device)
-        emitted = torch.zeros(batch, total_len, dtype=torch.bool, device=device)  # where each row's new tokens are
         positions = torch.arange(total_len, device=device)
-        kv_len = None if compile else shortest
-        logits = model(tokens[:, :shortest], input_pos=positions[:shortest], kv_len=kv_len, last_only=True)
+        # [B, total_len]: where each row's new tokens go, after its prompt and up to max_new_tokens of them
+        window = (positions >= prompt_len[:, None]) & (positions < (prompt_len + max_new_tokens)[:, None])
+        at_limit = positions == (prompt_len + max_new_tokens - 1)[:, None]
+        done = torch.zeros(batch, dtype=torch.bool, device=device)  # rows that stopped or reached their limit
+        stop_set = set(stop_tokens or [])
+        logits = model(tokens[:, :shortest], input_pos=positions[:shortest], kv_len=shortest, last_only=True)
         for cur in range(shortest, total_len):
             nxt = sample(logits[:, -1], temperature, top_p, top_k, generator)
-            nxt = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
+            if cur < longest:  # a row still inside its prompt takes the prompt's token
+                nxt = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
             tokens[:, cur] = nxt
-            new = ~in_prompt[:, cur] & ~done
-            emitted[:, cur] = new
-            done |= new & (torch.isin(nxt, stops) | (cur + 1 - prompt_len >= max_new_tokens))
-            if on_token is not None:
-                for i in new.nonzero().flatten().tolist():
-                    on_token(i, int(nxt[i]))
+            if stop_set or on_token is not None:  # otherwise every row simply runs to its limit
+                new = window[:, cur] & ~done
+                done |= new & (at_limit[:, cur] | torch.isin(nxt, stops))
+                if on_token is not None:
+                    for i in new.nonzero().flatten().tolist():
+                        on_token(i, int(nxt[i]))
             # Reading `done` makes the host wait for the device, which then idles while the host
-            # prepares the next step: without streaming, look only every few steps (the extra
-            # steps' tokens are not emitted).
+            # prepares the next step: without streaming, look only every few steps (tokens after
+            # a row's stop are dropped below).
             check = on_token is not None or (cur - shortest) % _CHECK_EVERY == _CHECK_EVERY - 1
-            if cur + 1 == total_len or (check and bool(done.all())):
+            if cur + 1 == total_len or (stop_set and check and bool(done.all())):
                 break
-            kv_len = None if compile else cur + 1
-            logits = decode(nxt[:, None].clone(), input_pos=positions[cur : cur + 1], kv_len=kv_len)
-        return [tokens[i, emitted[i]].tolist() for i in range(batch)]
+            logits = decode(nxt[:, None].clone(), input_pos=positions[cur : cur + 1], kv_len=cur + 1)
+        return [_until_stop(tokens[i, window[i]].tolist(), stop_set) for i in range(batch)]
     finally:
         if not compile:  # compiled decoding keeps its cache (and so its CUDA graph); model.clear_cache() frees it
             model.clear_cache()

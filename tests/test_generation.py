@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llamaherd.errors import HerdError
-from llamaherd.generation import _cache_length, generate, sample
+from llamaherd.generation import _LIBRARIES, _cache_length, generate, sample
 from llamaherd.model import ModelArgs, Transformer
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, multiple_of=32, max_seq_len=96)
@@ -154,22 +154,47 @@ def test_decoding_ends_soon_after_every_row_stops(model):
         hook.remove()
 
 
-def test_compiled_decoding_keeps_its_cache_between_calls(model):
-    """The cache stays allocated, zeroed and reused by a call of the same shape, so the compiled step
-    (and on a GPU its captured CUDA graph, with the cache rounded up to a power of two) is reused."""
+def test_compiled_decoding_keeps_its_cache_and_step_between_calls(model):
+    """The cache, rounded up to a power of two (here capped at the context of 96), stays allocated,
+    zeroed and reused by a call of another length, so the compiled step (here an ahead-of-time
+    compiled library, on a GPU a captured CUDA graph) is built once."""
     p = prompt(5, 9)
     first = generate(model, [p], max_new_tokens=7, compile=True)
     cache = model.layers[0].attention.cache
-    assert cache is not None and cache.k.shape[2] == 12
-    again = generate(model, [p[:3]], max_new_tokens=9, compile=True)  # the same total length
-    assert model.layers[0].attention.cache is cache
+    assert cache is not None and cache.k.shape[2] == 96
+    built = dict(_LIBRARIES[model])
+    again = generate(model, [p[:3]], max_new_tokens=20, compile=True)
+    assert model.layers[0].attention.cache is cache and _LIBRARIES[model] == built
     assert first == generate(model, [p], max_new_tokens=7)
-    assert again == generate(model, [p[:3]], max_new_tokens=9)
+    assert again == generate(model, [p[:3]], max_new_tokens=20)
     model.clear_cache()
 
 
-def test_cache_length_for_cuda_graphs_is_a_power_of_two():
-    lengths = [_cache_length(n, 8192, graphs=True) for n in (1, 100, 256, 257, 272, 5000)]
+def test_compiled_cpu_step_reads_the_models_current_weights(model):
+    """The compiled CPU step holds pointers to the model's tensors, not copies: weights changed in
+    place or replaced by new tensors of the same shape and layout are used without a rebuild."""
+    p = prompt(6, 10)
+    before = generate(model, [p], max_new_tokens=12, compile=True)
+    built = dict(_LIBRARIES[model])
+    w2, wo = model.layers[0].feed_forward.w2, model.layers[1].attention.wo
+    old_wo = wo.weight
+    try:
+        with torch.no_grad():
+            w2.weight.mul_(-1)
+        wo.weight = torch.nn.Parameter(torch.randn_like(old_wo) * 0.2)
+        changed = generate(model, [p], max_new_tokens=12)
+        assert changed != before
+        assert generate(model, [p], max_new_tokens=12, compile=True) == changed
+        assert _LIBRARIES[model] == built
+    finally:
+        with torch.no_grad():
+            w2.weight.mul_(-1)
+        wo.weight = old_wo
+        model.clear_cache()
+
+
+def test_cache_length_for_compiled_decoding_is_a_power_of_two():
+    lengths = [_cache_length(n, 8192, compiled=True) for n in (1, 100, 256, 257, 272, 5000)]
     assert lengths == [256, 256, 256, 512, 512, 8192]
-    assert _cache_length(5000, 4096, graphs=True) == 4096 and _cache_length(100, 200, graphs=True) == 200
-    assert _cache_length(272, 8192, graphs=False) == 272
+    assert _cache_length(5000, 4096, compiled=True) == 4096 and _cache_length(100, 200, compiled=True) == 200
+    assert _cache_length(272, 8192, compiled=False) == 272

@@ -8,6 +8,7 @@ import torch
 from llamaherd.errors import HerdError
 from llamaherd.model import ModelArgs, Transformer, flops_per_token, num_params, preset
 from llamaherd.model.masks import dense_doc_mask, doc_positions
+from llamaherd.model.transformer import grouped_decode_attention
 
 SMALL = dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=257, multiple_of=32, max_seq_len=128)
 
@@ -148,6 +149,15 @@ def test_kv_cache_decoding_matches_full_forward_at_every_step(n_kv_heads):
                 got.append(model(tokens[:, pos:pos + 1], input_pos=torch.tensor([pos]), kv_len=kv))
             model.clear_cache()
             torch.testing.assert_close(torch.cat(got, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_kv_heads", [1, 2, 8])
+def test_grouped_decode_attention_equals_sdpa_with_gqa(n_kv_heads):
+    g = torch.Generator().manual_seed(n_kv_heads)
+    q = torch.randn(2, 8, 1, 16, generator=g)
+    k, v = (torch.randn(2, n_kv_heads, 13, 16, generator=g) for _ in range(2))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    torch.testing.assert_close(grouped_decode_attention(q, k, v), want, rtol=1e-5, atol=1e-6)
 
 
 def test_kv_cache_does_not_repeat_kv_heads():

@@ -66,6 +66,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).type_as(x)
 
 
+def grouped_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention of one new token per row over the filled part of the KV cache, as two products.
+
+    q [B, H, 1, D]; k, v [B, H_kv, T, D]. Each KV head serves its group of H / H_kv query heads
+    (head i uses KV head i // group, as SDPA's ``enable_gqa``) without being repeated. Compiled
+    (the ahead-of-time CPU decode step) this costs less than the fused SDPA kernel, whose per-call
+    setup outweighs one query's work; run eagerly, SDPA's single call is cheaper (docs/benchmarks.md).
+    """
+    b, h, _, d = q.shape
+    groups = q.view(b, k.shape[1], h // k.shape[1], d)  # [B, H_kv, group, D]
+    scores = (groups @ k.transpose(-1, -2)).float() * d**-0.5  # [B, H_kv, group, T]
+    return (torch.softmax(scores, dim=-1).type_as(q) @ v).view(b, h, 1, d)
+
+
 class KVCache(nn.Module):
     """Static key/value cache: [batch, n_kv_heads, max_seq_len, head_dim]; KV heads are not repeated."""
 
@@ -119,7 +133,10 @@ class Attention(nn.Module):
             if kv_len is not None:  # eager decoding: attend to the filled part of the cache only
                 k, v, mask = k[:, :, :kv_len], v[:, :, :kv_len], mask[..., :kv_len]
                 if seqlen == 1:  # the one new token sees every filled position: no mask to apply
-                    out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+                    if torch.compiler.is_compiling() and not q.is_cuda:  # the exported CPU decode step
+                        out = grouped_decode_attention(q, k, v)
+                    else:
+                        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
                     return self.wo(out.transpose(1, 2).reshape(bsz, 1, -1))
         if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask
             out = _flex_attention(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=gqa)
@@ -187,9 +204,11 @@ class Transformer(nn.Module):
                 mask = doc_mask(doc_ids)
         elif input_pos is not None:
             pos = input_pos
-            if self._cache_mask is None:
+            cache = self.layers[0].attention.cache
+            if cache is None:
                 raise RuntimeError("input_pos needs a KV cache: call setup_cache() first")
-            mask = self._cache_mask[input_pos][None, None]  # [1, 1, S, max_cache]
+            cache_pos = torch.arange(cache.k.shape[2], device=tokens.device)
+            mask = (cache_pos <= input_pos[:, None])[None, None]  # [1, 1, S, cache_len]: causal over the cache
         else:
             pos = torch.arange(seqlen, device=tokens.device)
         if input_pos is None and seqlen > self.rope_cos.shape[0]:
@@ -201,8 +220,6 @@ class Transformer(nn.Module):
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h))
-
-    _cache_mask: torch.Tensor | None = None
 
     def setup_cache(self, batch_size: int, max_seq_len: int | None = None, dtype=None, device=None) -> None:
         """A static KV cache for decoding ``batch_size`` rows of up to ``max_seq_len`` tokens.
@@ -220,15 +237,13 @@ class Transformer(nn.Module):
                 cache.k.zero_()
                 cache.v.zero_()
             else:
-                layer.attention.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim,
-                                                dtype, device)
-        if self._cache_mask is None or self._cache_mask.shape[0] != max_seq_len or self._cache_mask.device != device:
-            self._cache_mask = torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device).tril()
+                with torch.inference_mode(False):  # a normal tensor, which an exported decode step can update
+                    layer.attention.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads,
+                                                    self.args.head_dim, dtype, device)
 
     def clear_cache(self) -> None:
         for layer in self.layers:
             layer.attention.cache = None
-        self._cache_mask = None
 
     def init_rope(self, device=None) -> None:
         """(Re)compute the RoPE tables, e.g. after building the model on the meta device."""
