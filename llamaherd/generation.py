@@ -113,11 +113,17 @@ def _cpu_decoder(model: torch.nn.Module, batch: int) -> Callable:
         filled = torch.export.Dim("kv_len", min=2, max=cache_len - 1)
         example = (torch.zeros(batch, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.zeros(2))
         shapes = {"tokens": None, "input_pos": None, "filled": {0: filled}}
-        with torch.inference_mode(False), torch.no_grad():
-            program = torch.export.export(step, example, dynamic_shapes=shapes)
-            with tempfile.TemporaryDirectory() as tmp, config.patch({"aot_inductor.package_constants_in_so": False}):
-                package = aoti_compile_and_package(program, package_path=os.path.join(tmp, "step.pt2"))
-                built[key] = aoti_load_package(package)
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                program = torch.export.export(step, example, dynamic_shapes=shapes)
+                with (tempfile.TemporaryDirectory() as tmp,
+                      config.patch({"aot_inductor.package_constants_in_so": False})):
+                    package = aoti_compile_and_package(program, package_path=os.path.join(tmp, "step.pt2"))
+                    built[key] = aoti_load_package(package)
+        except Exception as e:  # e.g. no C++ compiler: say so in one line, the eager path still works
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise HerdError(f"generate: compiling the CPU decode step failed ({type(e).__name__}: {first}); "
+                            "decode without compile") from e
     library = built[key]
     library.load_constants({name: tensors[name] for name in library.get_constant_fqns()},
                            check_full_update=True, user_managed=True)

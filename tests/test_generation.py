@@ -193,6 +193,20 @@ def test_compiled_cpu_step_reads_the_models_current_weights(model):
         model.clear_cache()
 
 
+def test_a_failed_cpu_compile_is_a_one_line_error(monkeypatch):
+    import torch._inductor
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found\nlong details")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_compiler)
+    m = Transformer(ARGS).eval()
+    with pytest.raises(HerdError, match=r"compiling the CPU decode step failed \(RuntimeError: no C\+\+ compiler "
+                                        r"found\); decode without compile$"):
+        generate(m, [prompt(4, 1)], max_new_tokens=3, compile=True)
+    assert generate(m, [prompt(4, 1)], max_new_tokens=3) == [greedy_by_full_forward(m, prompt(4, 1), 3)]
+
+
 def test_cache_length_for_compiled_decoding_is_a_power_of_two():
     lengths = [_cache_length(n, 8192, compiled=True) for n in (1, 100, 256, 257, 272, 5000)]
     assert lengths == [256, 256, 256, 512, 512, 8192]
