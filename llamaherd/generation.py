@@ -67,7 +67,8 @@ def _cpu_decode_layout(model: torch.nn.Module) -> None:
 def _cache_length(total_len: int, max_seq_len: int, compiled: bool) -> int:
     """Positions in the KV cache. A compiled step (and its CUDA graph) is specialized to the cache's
     shape, so when ``compiled`` the length is rounded up to a power of two (at least 256, at most
-    ``max_seq_len``) for other prompt and output lengths to reuse it. The extra positions are masked."""
+    ``max_seq_len``) for other prompt and output lengths to reuse it. The extra positions are masked
+    on a GPU and not read at all on a CPU."""
     if not compiled:
         return total_len
     return min(max_seq_len, max(256, 1 << (total_len - 1).bit_length()))
