@@ -49,6 +49,8 @@ def _load(args):
     model, tokenizer = load(args.checkpoint, device=device, dtype=dtype)
     if tokenizer is None:
         raise HerdError(f"{args.checkpoint}: has no tokenizer files; text generation needs one")
+    if args.compile:  # the first reply waits for the compiler: say so rather than look hung
+        print("compiling the decode step for the first reply (tens of seconds)...", file=sys.stderr, flush=True)
     return model, tokenizer
 
 

@@ -46,7 +46,9 @@ def test_generate_prints_the_greedy_completion(capsys, checkpoint, extra):
     want_text = tok.decode([t for t in want if t not in tok.stop_tokens])
     argv = ["generate", str(path), "--prompt", "the cat", "--temperature", "0", "--max-new-tokens", "12", *extra]
     assert main(argv) == 0
-    assert capsys.readouterr().out == want_text + "\n"
+    out, err = capsys.readouterr()
+    assert out == want_text + "\n"
+    assert ("compiling the decode step" in err) == ("--compile" in extra)
 
 
 @pytest.mark.usefixtures("one_thread")
