@@ -89,7 +89,7 @@ class _DecodeStep(torch.nn.Module):
         return self.model(tokens, input_pos=input_pos, kv_len=filled.shape[0])
 
 
-def _cpu_decoder(model: torch.nn.Module, batch: int) -> Callable:
+def _cpu_decoder(model: torch.nn.Module, batch: int, cache_len: int) -> Callable:
     """The decode step compiled ahead of time by AOTInductor: one call into a C++ library per token.
 
     Under ``torch.compile`` each step on a CPU pays ~2 ms of Python: guards on every weight and a
@@ -104,7 +104,6 @@ def _cpu_decoder(model: torch.nn.Module, batch: int) -> Callable:
     step = _DecodeStep(model)
     tensors = {**dict(step.named_parameters(remove_duplicate=False)), **dict(step.named_buffers())}
     key = (batch, tuple((name, t.dtype, t.shape, t.stride()) for name, t in tensors.items()))
-    cache_len = model.layers[0].attention.cache.k.shape[2]
     built = _LIBRARIES.setdefault(model, {})
     if key not in built:
         from torch._inductor import aoti_compile_and_package, aoti_load_package, config
@@ -133,7 +132,7 @@ def _cpu_decoder(model: torch.nn.Module, batch: int) -> Callable:
     return lambda tokens, input_pos, kv_len: run([tokens, input_pos, lengths[:kv_len]])[0]
 
 
-def _decoder(model: torch.nn.Module, compile: bool, batch: int) -> Callable:
+def _decoder(model: torch.nn.Module, compile: bool, batch: int, cache_len: int) -> Callable:
     """The one-token decode step ``(tokens [B, 1], input_pos [1], kv_len) -> logits``: the model
     itself, or a compiled step.
 
@@ -142,11 +141,10 @@ def _decoder(model: torch.nn.Module, compile: bool, batch: int) -> Callable:
     block sizes. On a CPU, ahead of time (see ``_cpu_decoder``); a cache of under 4 positions
     leaves nothing worth compiling.
     """
-    cache_len = model.layers[0].attention.cache.k.shape[2]
     if not compile or cache_len < 4:
         return model
     if model.tok_embeddings.weight.device.type == "cpu":
-        return _cpu_decoder(model, batch)
+        return _cpu_decoder(model, batch, cache_len)
     if model not in _COMPILED:
         options = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
         _COMPILED[model] = torch.compile(model, fullgraph=True, dynamic=False, options=options)
@@ -179,8 +177,9 @@ def generate(
 
     A row stops after ``max_new_tokens`` new tokens or at its first stop token (included in its
     output). ``on_token(row, token_id)`` is called for every new token as it is produced.
-    ``compile`` decodes through ``torch.compile`` with CUDA graphs (for GPUs; the first call compiles;
-    see ``_decoder``); the KV cache then stays allocated between calls (``model.clear_cache()``).
+    ``compile`` decodes through a compiled step, CUDA graphs on a GPU and an AOTInductor library on a
+    CPU (the first call compiles; see ``_decoder``); the KV cache then stays allocated between calls
+    (``model.clear_cache()``).
     On CPU the first call stores some float32 weight matrices column-major in place (same values;
     see ``_cpu_decode_layout``).
     """
@@ -208,20 +207,21 @@ def generate(
         tokens[i, : len(p)] = torch.tensor(list(p), dtype=torch.long, device=device)
         in_prompt[i, : len(p)] = True
     prompt_len = torch.tensor([len(p) for p in prompts], device=device)
-    stops = torch.tensor(sorted(set(stop_tokens or [])), dtype=torch.long, device=device)
+    stop_set = set(stop_tokens or [])
+    stops = torch.tensor(sorted(stop_set), dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
     if device.type == "cpu":
         _cpu_decode_layout(model)
-    model.setup_cache(batch, _cache_length(total_len, max_seq_len, compiled=compile))
-    decode = _decoder(model, compile, batch)
+    cache_len = _cache_length(total_len, max_seq_len, compiled=compile)
+    model.setup_cache(batch, cache_len)
+    decode = _decoder(model, compile, batch, cache_len)
     try:
         positions = torch.arange(total_len, device=device)
         # [B, total_len]: where each row's new tokens go, after its prompt and up to max_new_tokens of them
         window = (positions >= prompt_len[:, None]) & (positions < (prompt_len + max_new_tokens)[:, None])
         at_limit = positions == (prompt_len + max_new_tokens - 1)[:, None]
         done = torch.zeros(batch, dtype=torch.bool, device=device)  # rows that stopped or reached their limit
-        stop_set = set(stop_tokens or [])
         logits = model(tokens[:, :shortest], input_pos=positions[:shortest], kv_len=shortest, last_only=True)
         for cur in range(shortest, total_len):
             nxt = sample(logits[:, -1], temperature, top_p, top_k, generator)

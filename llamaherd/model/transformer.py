@@ -131,7 +131,7 @@ class Attention(nn.Module):
         if self.cache is not None and input_pos is not None:
             k, v = self.cache.update(input_pos, k, v)
             if kv_len is not None:  # eager decoding: attend to the filled part of the cache only
-                k, v, mask = k[:, :, :kv_len], v[:, :, :kv_len], mask[..., :kv_len]
+                k, v = k[:, :, :kv_len], v[:, :, :kv_len]  # the mask is already kv_len wide
                 if seqlen == 1:  # the one new token sees every filled position: no mask to apply
                     if torch.compiler.is_compiling() and not q.is_cuda:  # the exported CPU decode step
                         out = grouped_decode_attention(q, k, v)
@@ -207,8 +207,8 @@ class Transformer(nn.Module):
             cache = self.layers[0].attention.cache
             if cache is None:
                 raise RuntimeError("input_pos needs a KV cache: call setup_cache() first")
-            cache_pos = torch.arange(cache.k.shape[2], device=tokens.device)
-            mask = (cache_pos <= input_pos[:, None])[None, None]  # [1, 1, S, cache_len]: causal over the cache
+            cache_pos = torch.arange(cache.k.shape[2] if kv_len is None else kv_len, device=tokens.device)
+            mask = (cache_pos <= input_pos[:, None])[None, None]  # [1, 1, S, kv_len or cache_len]: causal
         else:
             pos = torch.arange(seqlen, device=tokens.device)
         if input_pos is None and seqlen > self.rope_cos.shape[0]:
