@@ -1,6 +1,5 @@
 """Raw text in: the embedded stdlib corpus, file readers, cleaning, and `herd data clean`."""
 
-import argparse
 import ast
 import gzip
 import hashlib
@@ -13,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
+from llamaherd.cli import build_parser
 from llamaherd.data.clean import clean_documents
-from llamaherd.data.prepare import add_cli, prepare_corpus, write_jsonl
+from llamaherd.data.prepare import prepare_corpus, write_jsonl
 from llamaherd.data.sources import Document, read_documents
 from llamaherd.data.stdlib_corpus import split_of, stdlib_documents, stdlib_modules
 from llamaherd.errors import HerdError
@@ -242,10 +242,8 @@ def test_max_docs_stops_reading():
 def test_data_clean_cli_and_prepare_corpus(tmp_path, capsys):
     texts = ["hello there world", "hi", "hello  there world"]
     src = _write(tmp_path / "in.jsonl", _jsonl([{"text": t} for t in texts]))
-    parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers())
     out = tmp_path / "out" / "clean.jsonl"
-    args = parser.parse_args(["clean", "--input", str(src), "--out", str(out), "--min-chars", "5"])
+    args = build_parser().parse_args(["data", "clean", "--input", str(src), "--out", str(out), "--min-chars", "5"])
     assert args.func(args) == 0
     printed = capsys.readouterr().out
     assert "removed: duplicate" in printed and "removed: too_short" in printed and "1 documents" in printed

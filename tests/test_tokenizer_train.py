@@ -1,6 +1,5 @@
 """BPE training: ranks in tiktoken's layout, loadable by tiktoken and our Tokenizer, exact round trips."""
 
-import argparse
 import base64
 import json
 
@@ -10,11 +9,18 @@ import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 from tokenizers import pre_tokenizers
 
+from llamaherd.cli import build_parser
 from llamaherd.data.sources import Document
 from llamaherd.data.stdlib_corpus import stdlib_documents
 from llamaherd.errors import HerdError
 from llamaherd.tokenizer import Tokenizer
-from llamaherd.tokenizer.train import add_cli, byte_decoder, capped_texts, pre_tokenizer, save_ranks, train_bpe
+from llamaherd.tokenizer.train import (
+    byte_decoder,
+    capped_texts,
+    pre_tokenizer,
+    save_ranks,
+    train_bpe,
+)
 
 # Meta's Llama 3 pre-split regex, written out here so the test pins it independently
 LLAMA3_PAT = (
@@ -117,11 +123,9 @@ def test_tokenizer_train_cli(tmp_path, capsys):
     data = tmp_path / "corpus.jsonl"
     texts = [d.text for d in stdlib_documents("train", max_bytes=200_000)]
     data.write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
-    parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers())
     out = tmp_path / "out" / "tok.model"
-    args = parser.parse_args(
-        ["train", "--input", str(data), "--vocab-size", "600", "--out", str(out), "--text-field", "body",
+    args = build_parser().parse_args(
+        ["tokenizer", "train", "--input", str(data), "--vocab-size", "600", "--out", str(out), "--text-field", "body",
          "--max-bytes", "100000"]
     )  # fmt: skip
     assert args.func(args) == 0

@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from llamaherd.data.sources import Document
+from llamaherd.data.document import Document
 
 REASONS = ("empty", "too_short", "too_long", "duplicate")
 

@@ -1,13 +1,23 @@
-"""`herd data ...`: pack documents into token shards, inspect a packed dataset (and curate, when present)."""
+"""`herd data ...`: clean raw text, pack documents into token shards, inspect a packed dataset."""
 
 from __future__ import annotations
 
 import argparse
 
 from llamaherd.data.pack import DEFAULT_SHARD_TOKENS
-from llamaherd.data.sources import add_input_argument
+from llamaherd.data.prepare import MAX_CHARS, MIN_CHARS
+from llamaherd.errors import HerdError
 
 _FMT = argparse.ArgumentDefaultsHelpFormatter
+
+
+def add_input_argument(parser, required: bool = False) -> None:
+    """The ``--input`` and ``--text-field`` options every command that reads raw text shares."""
+    kw = {"required": True} if required else {"default": ["stdlib"]}
+    parser.add_argument("--input", nargs="+", metavar="INPUT", **kw,
+                        help="files (.txt/.jsonl/.parquet, optionally .gz/.zst), directories, globs, "
+                             "or stdlib[:train|val]")
+    parser.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
 
 
 def register(sub) -> None:
@@ -35,13 +45,35 @@ def register(sub) -> None:
     p.add_argument("dir", metavar="DIR", help="packed dataset directory")
     p.set_defaults(func=cmd_inspect)
 
-    try:
-        from llamaherd.data.prepare import add_cli
-    except ModuleNotFoundError as e:  # `herd data clean` not written yet; anything else missing is a bug
-        if e.name != "llamaherd.data.prepare":
-            raise
-    else:
-        add_cli(data_sub)
+    p = data_sub.add_parser(
+        "clean",
+        help="read raw text, drop empty/short/long/duplicate documents, write JSONL",
+        description="Read raw text and write the documents that are not empty, too short, too long or exact "
+        "duplicates as JSONL records {id, text, source}; print how many were removed, by reason.",
+        formatter_class=_FMT,
+    )
+    add_input_argument(p)
+    p.add_argument("--out", required=True, help="JSONL file to write (replaced atomically)")
+    p.add_argument("--min-chars", type=int, default=MIN_CHARS, help="drop documents shorter than this")
+    p.add_argument("--max-chars", type=int, default=MAX_CHARS, help="drop documents longer than this")
+    p.add_argument("--max-docs", type=int, default=None, help="stop after keeping this many documents")
+    p.set_defaults(func=cmd_clean)
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    from llamaherd.data.clean import clean_documents
+    from llamaherd.data.prepare import check_limits, write_jsonl
+    from llamaherd.data.sources import read_documents
+
+    check_limits(args.min_chars, args.max_chars)
+    if args.max_docs is not None and args.max_docs < 0:
+        raise HerdError(f"--max-docs {args.max_docs}: expected a number >= 0")
+    docs = read_documents(args.input, text_field=args.text_field)
+    kept, stats = clean_documents(docs, args.min_chars, args.max_chars, max_docs=args.max_docs)
+    write_jsonl(kept, args.out)
+    print(stats.table())
+    print(f"wrote {args.out}: {stats.kept:,} documents, {stats.kept_bytes / 1e6:.2f} MB")
+    return 0
 
 
 def cmd_pack(args) -> int:

@@ -19,21 +19,14 @@ import json
 import os
 import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
+from llamaherd.data.document import Document
 from llamaherd.errors import HerdError
 
 FORMATS = (".txt", ".jsonl", ".parquet")
 COMPRESSIONS = (".gz", ".zst")
 STDLIB_SPLITS = {"stdlib": "train", "stdlib:train": "train", "stdlib:val": "val", "stdlib:all": "all"}
-
-
-@dataclass(frozen=True)
-class Document:
-    id: str  # unique within its source: a file path, path:line, or the record's own id
-    text: str
-    source: str  # the file (or stdlib:code / stdlib:prose) it came from
 
 
 def file_format(path: str | Path) -> tuple[str, str] | None:
@@ -192,11 +185,3 @@ def _read_parquet(f, path: str, text_field: str) -> Iterator[Document]:
             yield Document(id=str(doc_id) if doc_id is not None else f"{path}:{row}", text=text, source=path)
             row += 1
 
-
-def add_input_argument(parser, required: bool = False) -> None:
-    """The ``--input`` and ``--text-field`` options every command that reads raw text shares."""
-    kw = {"required": True} if required else {"default": ["stdlib"]}
-    parser.add_argument("--input", nargs="+", metavar="INPUT", **kw,
-                        help="files (.txt/.jsonl/.parquet, optionally .gz/.zst), directories, globs, "
-                             "or stdlib[:train|val]")
-    parser.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")

@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from llamaherd.data.sources import Document
+from llamaherd.data.document import Document
 from llamaherd.errors import HerdError
 
 VAL_FRACTION = 0.05

@@ -13,15 +13,12 @@ above the ranks of the two tokens it was merged from.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import time
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
-from llamaherd.data.sources import add_input_argument
 from llamaherd.errors import HerdError
 from llamaherd.tokenizer.tiktoken_bpe import PAT_STR
 
@@ -133,41 +130,3 @@ def capped_texts(docs: Iterable, max_bytes: int | None = None, counter: dict | N
         yield text
         if full:
             return
-
-
-def add_cli(tokenizer_subparsers: argparse._SubParsersAction) -> None:
-    """Add ``herd tokenizer train``."""
-    p = tokenizer_subparsers.add_parser(
-        "train",
-        help="train a byte-level BPE tokenizer (Llama 3 pre-split) on raw text",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add_input_argument(p)
-    p.add_argument("--vocab-size", type=int, default=8192, help="BPE ranks; the model adds 256 special tokens")
-    p.add_argument("--out", default="tokenizer.model", help="tiktoken rank file to write")
-    p.add_argument("--max-bytes", type=int, default=None, help="train on at most this many bytes of text")
-    p.add_argument("--min-frequency", type=int, default=2, help="merge only pairs seen at least this often")
-    p.set_defaults(func=_train_cmd)
-
-
-add_command = add_cli  # the name llamaherd.tokenizer.cli looks for in its SUBCOMMAND_MODULES
-
-
-def _train_cmd(args: argparse.Namespace) -> int:
-    from llamaherd.data.sources import read_documents
-
-    if args.max_bytes is not None and args.max_bytes < 1:
-        raise HerdError(f"--max-bytes {args.max_bytes}: expected a positive number of bytes")
-    docs = read_documents(args.input, text_field=args.text_field)
-    counter: dict = {}
-    start = time.perf_counter()
-    ranks = train_bpe(capped_texts(docs, args.max_bytes, counter), args.vocab_size, args.min_frequency)
-    seconds = time.perf_counter() - start
-    save_ranks(ranks, args.out)
-    mb = counter["bytes"] / 1e6
-    short = f" (the corpus ran out of merges before {args.vocab_size})" if len(ranks) < args.vocab_size else ""
-    print(
-        f"{args.out}: {len(ranks):,} ranks{short} from {mb:.2f} MB in {counter['documents']:,} documents, "
-        f"{seconds:.1f} s ({mb / max(seconds, 1e-9):.2f} MB/s)"
-    )
-    return 0

@@ -1,0 +1,12 @@
+"""The unit of raw text every data stage passes along: one document, its id and where it came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str  # unique within its source: a file path, path:line, or the record's own id
+    text: str
+    source: str  # the file (or stdlib:code / stdlib:prose) it came from
