@@ -5,9 +5,10 @@ batch 1, a 32-token prompt, 256 new tokens with no stop token. Before timing, bo
 the same logits and the same greedy tokens. Tokens/s counts new tokens over the whole call
 (prefill included).
 
-On CPU, generate() stores the wide float32 weight matrices column-major (same values) because
-MKL's matrix-vector product reads them faster that way; a row "HF ..., column-major weights" runs
-HF on the same layout, to show how much of the difference is layout and how much is overhead.
+Our model goes through prepare_for_decoding() first, as `herd generate` does: on CPU it stores the
+wide float32 weight matrices column-major (same values) because MKL's matrix-vector product reads
+them faster that way; a row "HF ..., column-major weights" runs HF on the same layout, to show how
+much of the difference is layout and how much is overhead.
 A last row, "weight matvecs only", runs nothing but the matrix-vector products with every weight
 matrix that one decode step needs (7 per layer + the output head, in our layout), n times:
 the memory traffic any implementation must pay. HF's time over it is the best ratio any
@@ -29,7 +30,7 @@ from torch import nn
 
 from common import (add_threads_argument, assert_same_logits, build_hf, build_ours, fmt_table, interleaved,
                     machine, paired_ratio, print_machine, set_threads, stats, write_json)
-from llamaherd.generation import _cpu_decode_layout, generate
+from llamaherd.generation import generate, prepare_for_decoding
 from llamaherd.model import preset
 
 
@@ -52,9 +53,7 @@ def matvec_floor(model: nn.Module, n: int):
 
 def column_major_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with its weight matrices in the memory order llamaherd's CPU decoding gives them."""
-    model = copy.deepcopy(model)
-    _cpu_decode_layout(model)
-    return model
+    return prepare_for_decoding(copy.deepcopy(model))
 
 
 def main() -> None:
@@ -82,6 +81,7 @@ def main() -> None:
     args = preset(a.preset, vocab_size=a.vocab_size)
     ours = build_ours(args, seed=0, std=a.std).eval()
     hf = build_hf(ours)
+    prepare_for_decoding(ours)  # after HF has copied the weights: HF's own run keeps the usual row-major order
     prompt = torch.randint(0, args.vocab_size, (1, a.prompt_len), generator=torch.Generator().manual_seed(1))
     n = a.new_tokens
     print(f"config: preset {a.preset} (dim {args.dim}, {args.n_layers} layers, {args.n_heads}/{args.n_kv_heads} heads, "

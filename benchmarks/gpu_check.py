@@ -28,7 +28,7 @@ import torch
 from common import machine, print_machine, require_device, timed, write_json
 from llamaherd.generation import generate
 from llamaherd.model import ModelArgs, Transformer
-from llamaherd.model.masks import doc_mask
+from llamaherd.model.masks import doc_mask, doc_positions
 
 
 def check_flex(device: str, quick: bool) -> dict:
@@ -47,7 +47,7 @@ def check_flex(device: str, quick: bool) -> dict:
     for name, flex in (("dense", False), ("flex", True)):
         model.zero_grad()
         with torch.set_grad_enabled(backward):
-            logits = model(tokens, doc_ids=doc_ids, mask=doc_mask(doc_ids, flex=flex))
+            logits = model(tokens, doc_positions(doc_ids), mask=doc_mask(doc_ids, flex=flex))
         if backward:
             logits.float().square().mean().backward()
         grad = model.layers[0].attention.wq.weight.grad
@@ -122,7 +122,7 @@ def check_attention_timing(device: str, quick: bool) -> dict:
 def check_pretrain(device: str, quick: bool) -> dict:
     from llamaherd.config import load_config
     from llamaherd.train.run import run
-    from llamaherd.train.trainer import pretrain
+    from llamaherd.train.pretrain import pretrain
 
     steps = 20 if quick else 60
     common = [f"train.device={device}", f"train.steps={steps}", f"train.eval_every={steps}", "train.log_every=5",

@@ -5,7 +5,7 @@ bfloat16 autocast, fused AdamW; a step is forward, cross-entropy (float32), back
 optimizer step. Contenders:
 
   llamaherd compiled          as `herd pretrain` with train.compile=true runs it: each block compiled
-                              (llamaherd.train.parallel.prepare_model) and the loss compiled;
+                              (llamaherd.train.parallel.parallelize) and the loss compiled;
                               --whole-graph compiles forward + loss as one graph instead
   llamaherd compiled + flex   the same on packed rows of 8 documents: FlexAttention block mask (--doc-mask)
   llamaherd eager             no compilation (--eager)
@@ -39,10 +39,11 @@ import torch.nn.functional as F
 from common import (assert_same_logits, build_hf, build_ours, fmt_table, machine, print_machine, require_device,
                     timed, write_json)
 from llamaherd.model import flops_per_token, num_params, preset
-from llamaherd.model.masks import doc_mask
+from llamaherd.config import load_config
+from llamaherd.model.masks import doc_mask, doc_positions
 from llamaherd.train import metrics
-from llamaherd.train.parallel import prepare_model
-from llamaherd.train.trainer import loss_fn
+from llamaherd.train.losses import cross_entropy
+from llamaherd.train.parallel import parallelize
 
 def peak_flops() -> float | None:
     """Dense bf16 peak of this GPU from the trainer's table (None: unknown part, no MFU)."""
@@ -142,8 +143,8 @@ def main() -> None:
         specs.append(("llamaherd compiled", ours_model, lambda m: m, True))
         if a.doc_mask:
             def with_docs(m):
-                mask = doc_mask(doc_ids)  # a FlexAttention BlockMask on CUDA, built once
-                return lambda t: m(t, doc_ids=doc_ids, mask=mask)
+                positions, mask = doc_positions(doc_ids), doc_mask(doc_ids)  # a FlexAttention BlockMask on CUDA
+                return lambda t: m(t, positions, mask=mask)
             specs.append((f"llamaherd compiled + flex ({a.docs} docs/row)", ours_model, with_docs, True))
     if a.eager or a.no_compile:
         specs.append(("llamaherd eager", ours_model, lambda m: m, False))
@@ -167,8 +168,8 @@ def main() -> None:
 
             if compiled and name.startswith("llamaherd") and not a.whole_graph:
                 # exactly what `herd pretrain` with train.compile=true runs: each block compiled, and the loss
-                prepare_model(model, compile=True)
-                compiled_loss = torch.compile(loss_fn)
+                parallelize(model, load_config(None, ["train.compile=true"]))
+                compiled_loss = torch.compile(cross_entropy)
 
                 def loss_of(t, target, fwd=fwd):
                     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=use_amp):

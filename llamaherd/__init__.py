@@ -17,6 +17,7 @@ _LAZY = {
     "load": "llamaherd.checkpoint",
     "save": "llamaherd.checkpoint",
     "generate": "llamaherd.generation",
+    "prepare_for_decoding": "llamaherd.generation",
     "HerdError": "llamaherd.errors",
 }
 

@@ -16,7 +16,7 @@ from llamaherd.errors import HerdError
 COMMAND_MODULES = [
     "llamaherd.train.cli",  # run (the main job), pretrain
     "llamaherd.checkpoint.cli",  # convert, info
-    "llamaherd.generation_cli",  # generate, chat
+    "llamaherd.generation.cli",  # generate, chat
     "llamaherd.tokenizer.cli",  # tokenizer encode/decode/train
     "llamaherd.data.cli",  # data clean/pack/inspect
 ]

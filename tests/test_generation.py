@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from llamaherd.errors import HerdError
-from llamaherd.generation import _LIBRARIES, _cache_length, generate, sample
+from llamaherd.generation import clear_cache, generate, kept_cache, prepare_for_decoding, sample
+from llamaherd.generation.compiled import _LIBRARIES, cache_length
 from llamaherd.model import ModelArgs, Transformer
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, multiple_of=32, max_seq_len=96)
@@ -101,6 +102,7 @@ def test_cpu_decoding_reads_weights_column_major_with_the_same_values_and_tokens
     p = prompt(9, 3)
     expected = greedy_by_full_forward(m, p, 16)  # row-major weights
 
+    assert prepare_for_decoding(m) is m
     assert generate(m, [p], max_new_tokens=16) == [expected]
     after = m.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -112,11 +114,12 @@ def test_cpu_decoding_reads_weights_column_major_with_the_same_values_and_tokens
     assert generate(m, [p], max_new_tokens=16) == [expected] and [w.data_ptr() for w in linears] == ptrs
 
     half = Transformer(ARGS).to(torch.bfloat16).eval()
-    generate(half, [p], max_new_tokens=2)
+    generate(prepare_for_decoding(half), [p], max_new_tokens=2)
     assert all(p.is_contiguous() for p in half.parameters())  # bfloat16 products are slower column-major
     converted = Transformer(ARGS).eval()
-    generate(converted, [p], max_new_tokens=2)
-    generate(converted.to(torch.bfloat16), [p], max_new_tokens=2)  # a float32 model made bfloat16 after decoding
+    generate(prepare_for_decoding(converted), [p], max_new_tokens=2)
+    # a float32 model made bfloat16 after decoding
+    generate(prepare_for_decoding(converted.to(torch.bfloat16)), [p], max_new_tokens=2)
     assert all(p.is_contiguous() for p in converted.parameters())
 
     # training and saving work unchanged on the new layout
@@ -128,6 +131,19 @@ def test_cpu_decoding_reads_weights_column_major_with_the_same_values_and_tokens
     llamaherd.save(m, tmp_path / "ckpt")
     loaded, _ = llamaherd.load(tmp_path / "ckpt")
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in m.state_dict().items())
+
+
+def test_generate_leaves_the_model_as_it_was():
+    """generate() changes no weight, layout or attribute of the caller's model; the decode cache is its own."""
+    torch.manual_seed(0)
+    m = Transformer(ARGS).eval()
+    before = {name: (t.data_ptr(), t.stride(), t.clone()) for name, t in m.state_dict().items()}
+    generate(m, [prompt(5, 1), prompt(9, 2)], max_new_tokens=6)
+    after = m.state_dict()
+    assert before.keys() == after.keys()
+    for name, (ptr, stride, value) in before.items():
+        assert (after[name].data_ptr(), after[name].stride()) == (ptr, stride) and torch.equal(after[name], value)
+    assert {name for name, _ in m.named_buffers()} == {"rope_cos", "rope_sin"}  # no cache left attached
 
 
 def test_compiled_decoding_gives_the_same_tokens(model):
@@ -160,14 +176,14 @@ def test_compiled_decoding_keeps_its_cache_and_step_between_calls(model):
     compiled library, on a GPU a captured CUDA graph) is built once."""
     p = prompt(5, 9)
     first = generate(model, [p], max_new_tokens=7, compile=True)
-    cache = model.layers[0].attention.cache
-    assert cache is not None and cache.k.shape[2] == 96
+    cache = kept_cache(model)
+    assert cache is not None and cache.layers[0].k.shape[2] == 96
     built = dict(_LIBRARIES[model])
     again = generate(model, [p[:3]], max_new_tokens=20, compile=True)
-    assert model.layers[0].attention.cache is cache and _LIBRARIES[model] == built
+    assert kept_cache(model) is cache and _LIBRARIES[model] == built
     assert first == generate(model, [p], max_new_tokens=7)
     assert again == generate(model, [p[:3]], max_new_tokens=20)
-    model.clear_cache()
+    clear_cache(model)
 
 
 def test_compiled_cpu_step_reads_the_models_current_weights(model):
@@ -190,7 +206,7 @@ def test_compiled_cpu_step_reads_the_models_current_weights(model):
         with torch.no_grad():
             w2.weight.mul_(-1)
         wo.weight = old_wo
-        model.clear_cache()
+        clear_cache(model)
 
 
 def test_a_failed_cpu_compile_is_a_one_line_error(monkeypatch):
@@ -208,7 +224,7 @@ def test_a_failed_cpu_compile_is_a_one_line_error(monkeypatch):
 
 
 def test_cache_length_for_compiled_decoding_is_a_power_of_two():
-    lengths = [_cache_length(n, 8192, compiled=True) for n in (1, 100, 256, 257, 272, 5000)]
+    lengths = [cache_length(n, 8192, compiled=True) for n in (1, 100, 256, 257, 272, 5000)]
     assert lengths == [256, 256, 256, 512, 512, 8192]
-    assert _cache_length(5000, 4096, compiled=True) == 4096 and _cache_length(100, 200, compiled=True) == 200
-    assert _cache_length(272, 8192, compiled=False) == 272
+    assert cache_length(5000, 4096, compiled=True) == 4096 and cache_length(100, 200, compiled=True) == 200
+    assert cache_length(272, 8192, compiled=False) == 272

@@ -7,10 +7,15 @@ import torch
 
 from llamaherd.errors import HerdError
 from llamaherd.model import ModelArgs, Transformer, flops_per_token, num_params, preset
-from llamaherd.model.masks import dense_doc_mask, doc_positions
-from llamaherd.model.transformer import grouped_decode_attention
+from llamaherd.generation import StaticKVCache, grouped_decode_attention
+from llamaherd.model.masks import causal_mask, dense_doc_mask, doc_mask, doc_positions
 
 SMALL = dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=257, multiple_of=32, max_seq_len=128)
+
+
+def packed(model, tokens, doc_ids, mask=None):
+    """The forward pass of packed rows: positions restart and attention stays inside each document."""
+    return model(tokens, doc_positions(doc_ids), mask=doc_mask(doc_ids) if mask is None else mask)
 
 
 def make_model(seed=0, **overrides) -> Transformer:
@@ -99,15 +104,15 @@ def test_packed_row_of_three_documents_equals_each_document_alone(tie):
     row = torch.cat(docs, dim=1)
     doc_ids = torch.cat([torch.full((1, n), i) for i, n in enumerate(lengths)], dim=1)
     with torch.no_grad():
-        packed = model(row, doc_ids=doc_ids)
+        together = packed(model, row, doc_ids)
         start = 0
         for doc, n in zip(docs, lengths):
             alone = model(doc)
-            torch.testing.assert_close(packed[:, start:start + n], alone, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(together[:, start:start + n], alone, rtol=1e-5, atol=1e-5)
             start += n
         # and without the mask the later documents do see the earlier ones (so the check has teeth)
         unmasked = model(row)
-        assert not torch.allclose(unmasked[:, lengths[0]:], packed[:, lengths[0]:], atol=1e-3)
+        assert not torch.allclose(unmasked[:, lengths[0]:], together[:, lengths[0]:], atol=1e-3)
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -115,7 +120,7 @@ def test_flex_attention_mask_matches_dense_mask():
     """The FlexAttention path used on CUDA computes the same block-causal attention as the dense one."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    from llamaherd.model.masks import doc_mask, flex_doc_mask
+    from llamaherd.model.masks import flex_doc_mask
 
     torch.manual_seed(0)
     doc_ids = torch.tensor([[0] * 40 + [1] * 50 + [2] * 38, [0] * 128])
@@ -127,8 +132,8 @@ def test_flex_attention_mask_matches_dense_mask():
     model = make_model()
     tokens = torch.randint(0, 257, (2, 128), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        dense = model(tokens, doc_ids=doc_ids, mask=doc_mask(doc_ids, flex=False))
-        flexed = model(tokens, doc_ids=doc_ids, mask=doc_mask(doc_ids, flex=True))
+        dense = packed(model, tokens, doc_ids, mask=doc_mask(doc_ids, flex=False))
+        flexed = packed(model, tokens, doc_ids, mask=doc_mask(doc_ids, flex=True))
     torch.testing.assert_close(flexed, dense, rtol=1e-4, atol=1e-5)
 
 
@@ -140,14 +145,14 @@ def test_kv_cache_decoding_matches_full_forward_at_every_step(n_kv_heads):
     with torch.no_grad():
         full = model(tokens)
         for kv_slice in (True, False):  # the eager fast path, and the static-shape path used under compile
-            model.setup_cache(2, 64)
+            cache = StaticKVCache(model.args, 2, 64)
             prefill = 9
-            kv = prefill if kv_slice else None
-            got = [model(tokens[:, :prefill], input_pos=torch.arange(prefill), kv_len=kv)]
-            for pos in range(prefill, 40):
-                kv = pos + 1 if kv_slice else None
-                got.append(model(tokens[:, pos:pos + 1], input_pos=torch.tensor([pos]), kv_len=kv))
-            model.clear_cache()
+
+            def step(pos: torch.Tensor):  # a mask as wide as the filled part of the cache, or none
+                mask = causal_mask(pos, int(pos[-1]) + 1) if kv_slice else None
+                return model(tokens[:, pos], pos, mask=mask, cache=cache)
+
+            got = [step(torch.arange(prefill))] + [step(torch.tensor([pos])) for pos in range(prefill, 40)]
             torch.testing.assert_close(torch.cat(got, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
@@ -162,10 +167,8 @@ def test_grouped_decode_attention_equals_sdpa_with_gqa(n_kv_heads):
 
 def test_kv_cache_does_not_repeat_kv_heads():
     model = make_model(n_kv_heads=2)
-    model.setup_cache(3, 32)
-    cache = model.layers[0].attention.cache
+    cache = StaticKVCache(model.args, 3, 32).layers[0]
     assert cache.k.shape == (3, 2, 32, 8) and cache.v.shape == (3, 2, 32, 8)
-    model.clear_cache()
 
 
 def test_large_presets_build_on_meta_device_quickly():
@@ -186,3 +189,43 @@ def test_init_weights_is_seeded_and_tied_weights_stay_shared():
         assert na == nb and torch.equal(pa, pb)
     tied = make_model(tie_embeddings=True)
     assert tied.output.weight is tied.tok_embeddings.weight
+
+
+def decode_ragged(model, seqs, lengths, steps, per_row=True):
+    """Prefill right-padded prompts of ``lengths`` in one batch and cache, then feed each row its next
+    ``steps`` tokens: each row at its own positions (``per_row``), or all at the longest row's position.
+    Returns [B, steps + 1, vocab]: each row's logits after its prompt and after every fed token."""
+    batch, longest = len(lengths), max(lengths)
+    n = torch.tensor(lengths)
+    cache = StaticKVCache(model.args, batch, 32)
+    prompts = torch.zeros(batch, longest, dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        prompts[i, : lengths[i]] = seq[: lengths[i]]
+    pos = torch.arange(longest).expand(batch, longest)
+    logits = model(prompts, pos, mask=causal_mask(pos, longest), cache=cache)
+    out = [logits[torch.arange(batch), n - 1 if per_row else longest - 1]]
+    for t in range(steps):
+        pos = (n + t)[:, None] if per_row else torch.full((batch, 1), longest + t)
+        tokens = torch.stack([seq[k + t] for seq, k in zip(seqs, lengths)])[:, None]
+        out.append(model(tokens, pos, mask=causal_mask(pos, int(pos.max()) + 1), cache=cache)[:, -1])
+    return torch.stack(out, dim=1)
+
+
+@pytest.mark.parametrize("n_kv_heads", [2, 8])
+def test_ragged_batch_with_per_row_positions_gives_each_row_its_logits_alone(n_kv_heads):
+    """Rows of different lengths share one batch and one cache, each at its own positions: at every
+    step each row gets the logits it gets decoded alone (what a serving engine's batching rests on)."""
+    model = make_model(n_kv_heads=n_kv_heads, use_scaled_rope=True, rope_original_context=16)
+    lengths, steps = [5, 12, 8], 6
+    gen = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, 257, (n + steps,), generator=gen) for n in lengths]  # prompt + tokens fed later
+    with torch.no_grad():
+        together = decode_ragged(model, seqs, lengths, steps)
+        for i, (seq, n) in enumerate(zip(seqs, lengths)):
+            alone = decode_ragged(model, [seq], [n], steps)[0]
+            torch.testing.assert_close(together[i], alone, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(alone, model(seq[None])[0, n - 1:], rtol=1e-5, atol=1e-5)  # = no cache
+        # one shared position for every row (the padding then sits inside the shorter rows) does not do it
+        shared = decode_ragged(model, seqs, lengths, steps, per_row=False)
+        assert not torch.allclose(shared[0, 1:], together[0, 1:], atol=1e-3)
+        torch.testing.assert_close(shared[1], together[1], rtol=1e-5, atol=1e-5)  # the longest row is unaffected

@@ -17,8 +17,9 @@ from llamaherd.config import load_config
 from llamaherd.data.pack import pack_documents
 from llamaherd.data.stdlib_corpus import stdlib_documents
 from llamaherd.tokenizer import Tokenizer
-from llamaherd.train import checkpointing
-from llamaherd.train.trainer import lr_at, pretrain
+from llamaherd.checkpoint import runs as checkpointing
+from llamaherd.train.pretrain import pretrain
+from llamaherd.train.trainer import lr_at
 
 STEPS = 12
 
@@ -178,9 +179,9 @@ def test_the_model_receives_a_mask_that_never_crosses_a_document(corpus, tmp_pat
     inputs_seen = []
     real_forward = transformer.Transformer.forward
 
-    def forward(self, tokens, **kw):
+    def forward(self, tokens, *args, **kw):
         inputs_seen.append(tokens.clone())
-        return real_forward(self, tokens, **kw)
+        return real_forward(self, tokens, *args, **kw)
 
     monkeypatch.setattr(transformer.F, "scaled_dot_product_attention", spy)
     monkeypatch.setattr(transformer.Transformer, "forward", forward)

@@ -41,7 +41,7 @@ def resolve(path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     if (path / "checkpoints").is_dir() and not any((path / m).is_file() for m in _MARKERS.values()):
-        from llamaherd.train.checkpointing import latest_good
+        from llamaherd.checkpoint.runs import latest_good
 
         ckpt = latest_good(path)
         if ckpt is None:
@@ -150,28 +150,6 @@ def _check_target(path: Path, overwrite: bool) -> None:
             raise HerdError(f"{path}: refusing to replace a non-empty directory that is not a checkpoint") from None
 
 
-def _publish(tmp: Path, path: Path) -> None:
-    """Move the finished ``tmp`` to ``path``, replacing what is there; never a half checkpoint at ``path``."""
-    from llamaherd.checkpoint.native import fsync_tree
-
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
-    fsync_tree(tmp)
-    if path.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-        os.rename(path, old / "ckpt")
-        os.rename(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save(model, path: str | os.PathLike, layout: str = "herd", tokenizer=None, dtype=None, *,
          shards: int = 1, max_shard_size: int = MAX_SHARD_SIZE, overwrite: bool = False) -> Path:
     """Write ``model`` (and ``tokenizer``) as a checkpoint directory ``path`` in ``layout``.
@@ -201,7 +179,7 @@ def save(model, path: str | os.PathLike, layout: str = "herd", tokenizer=None, d
 
         with torch.no_grad():
             _module(layout).write(tmp, args, {n: t.detach() for n, t in tensors.items()}, tokenizer, dtype, **opts)
-        _publish(tmp, path)
+        native.publish(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path

@@ -1,4 +1,4 @@
-"""Training checkpoints: a loadable model checkpoint plus everything an exact resume needs.
+"""Training run directories: step checkpoints, each a loadable model plus what an exact resume needs.
 
     RUN/checkpoints/step_0000100/
         herd.json, model.safetensors, tokenizer.model   the model, in llamaherd's own layout
@@ -50,13 +50,20 @@ def latest_good(run_dir: Path, warn=None) -> Path | None:
     return None
 
 
+def step_dir(run_dir: Path, step: int) -> Path:
+    """Where step ``step``'s checkpoint of the run in ``run_dir`` goes: ``checkpoints/step_NNNNNNN``."""
+    return Path(run_dir) / "checkpoints" / f"step_{step:07d}"
+
+
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, train_state: dict, keep: int) -> Path:
-    """Write step ``step``'s checkpoint atomically, then delete all but the newest ``keep``."""
-    from llamaherd.checkpoint import _publish
+    """Write step ``step``'s checkpoint atomically, then delete all but the newest ``keep``.
+
+    ``train_state`` (anything ``torch.save`` writes) goes to ``train_state.pt``; the model's weights
+    and ``tokenizer`` to the herd layout beside it."""
     from llamaherd.checkpoint import native
 
-    root = Path(run_dir) / "checkpoints"
-    final = root / f"step_{step:07d}"
+    final = step_dir(run_dir, step)
+    root = final.parent
     tmp = None
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -64,7 +71,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, train_state: dic
         torch.save(train_state, tmp / STATE)
         params = {n: p.detach() for n, p in model.named_parameters()}  # a tied weight once
         native.write(tmp, model.args, params, tokenizer, params["tok_embeddings.weight"].dtype)  # + checksums
-        _publish(tmp, final)
+        native.publish(tmp, final)
     except OSError as e:
         raise HerdError(f"cannot write checkpoint {final}: {e.strerror or e}; the previous checkpoints are "
                         "intact") from None

@@ -43,12 +43,14 @@ def _load(args):
     import torch
 
     from llamaherd.checkpoint import load
+    from llamaherd.generation import prepare_for_decoding
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else None)
     model, tokenizer = load(args.checkpoint, device=device, dtype=dtype)
     if tokenizer is None:
         raise HerdError(f"{args.checkpoint}: has no tokenizer files; text generation needs one")
+    prepare_for_decoding(model)
     if args.compile:  # the first reply waits for the compiler: say so rather than look hung
         print("compiling the decode step for the first reply (tens of seconds)...", file=sys.stderr, flush=True)
     return model, tokenizer

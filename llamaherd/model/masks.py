@@ -1,4 +1,5 @@
-"""Attention masks for packed training rows: block-causal over documents.
+"""Attention masks, built by the caller and handed to the model: block-causal over the documents of
+packed training rows, and causal over a KV cache by position.
 
 A packed row holds several documents back to back; ``doc_ids[b, t]`` numbers the document that
 token t of row b belongs to. A token may attend to an earlier token only of its own document,
@@ -8,6 +9,9 @@ exactly as if it were alone (Llama 3 paper, section 3.2).
 On CUDA the mask is a FlexAttention ``BlockMask``: blocks that are entirely masked are skipped,
 which is what makes document masking cheaper than plain causal attention. Elsewhere it is a
 dense boolean mask for ``scaled_dot_product_attention``.
+
+With a KV cache, ``causal_mask(positions, kv_len)`` lets each new token see every cache position up to
+its own: the mask's width ``kv_len`` is how many cache positions the attention reads.
 """
 
 from __future__ import annotations
@@ -49,3 +53,13 @@ def doc_mask(doc_ids: torch.Tensor, *, flex: bool | None = None):
     if flex is None:
         flex = doc_ids.is_cuda
     return flex_doc_mask(doc_ids) if flex else dense_doc_mask(doc_ids)
+
+
+def causal_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """Causal attention over the first ``kv_len`` positions of a KV cache, by position.
+
+    ``positions`` [S] (shared by every row) or [B, S] (per row) -> boolean mask [1, 1, S, kv_len] or
+    [B, 1, S, kv_len]: a token at position p may attend to cache positions 0..p.
+    """
+    mask = torch.arange(kv_len, device=positions.device) <= positions[..., None]
+    return mask[None, None] if positions.dim() == 1 else mask[:, None]

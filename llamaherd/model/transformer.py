@@ -3,19 +3,20 @@
 tokens -> tok_embeddings -> n_layers x [x + attention(attention_norm(x)); x + feed_forward(ffn_norm(x))]
        -> norm -> output -> logits
 
-The model knows nothing of parallelism or compilation; those are applied from outside.
+The model knows nothing of parallelism or compilation; those are applied from outside. Masks and the
+KV cache come from the caller too, so training, prefill and decoding are one forward pass.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llamaherd.model.args import ModelArgs
-from llamaherd.model.masks import doc_mask, doc_positions
 
 
 class RMSNorm(nn.Module):
@@ -66,33 +67,30 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).type_as(x)
 
 
-def grouped_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention of one new token per row over the filled part of the KV cache, as two products.
+class KVCache(Protocol):
+    """What ``Transformer.forward`` needs of a KV cache: the caller builds it, owns it and passes it in.
 
-    q [B, H, 1, D]; k, v [B, H_kv, T, D]. Each KV head serves its group of H / H_kv query heads
-    (head i uses KV head i // group, as SDPA's ``enable_gqa``) without being repeated. Compiled
-    (the ahead-of-time CPU decode step) this costs less than the fused SDPA kernel, whose per-call
-    setup outweighs one query's work; run eagerly, SDPA's single call is cheaper (docs/benchmarks.md).
+    ``attend`` stores layer ``layer``'s new keys and values (k, v [B, H_kv, S, D]) at ``positions``
+    ([S] or [B, S]) and returns the attention of the queries q [B, H, S, D] over what the cache holds
+    under ``mask`` ([B or 1, 1, S, K] boolean, or None; see ``Transformer.forward``): [B, H, S, D].
+    The cache chooses how attention is computed (a static cache, a paged one, a kernel for decoding);
+    ``llamaherd.generation.StaticKVCache`` is the one generation uses.
     """
-    b, h, _, d = q.shape
-    groups = q.view(b, k.shape[1], h // k.shape[1], d)  # [B, H_kv, group, D]
-    scores = (groups @ k.transpose(-1, -2)).float() * d**-0.5  # [B, H_kv, group, T]
-    return (torch.softmax(scores, dim=-1).type_as(q) @ v).view(b, h, 1, d)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor: ...
 
 
-class KVCache(nn.Module):
-    """Static key/value cache: [batch, n_kv_heads, max_seq_len, head_dim]; KV heads are not repeated."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
+    """Scaled dot-product attention with grouped KV heads: q [B, H, S, D], k/v [B, H_kv, T, D] -> [B, H, S, D].
 
-    def __init__(self, batch: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device=None):
-        super().__init__()
-        shape = (batch, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
-        return self.k, self.v
+    ``mask``: None is causal (S == T); a boolean tensor broadcastable to [B, H, S, T] (True: may
+    attend); or a FlexAttention ``BlockMask`` (packed documents on CUDA).
+    """
+    gqa = q.shape[1] != k.shape[1]
+    if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask
+        return _flex_attention(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
 
 
 def _flex_attention(compiled: bool):
@@ -111,37 +109,26 @@ _FLEX = None
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
+        self.layer_id = layer_id
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
-        self.cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask=None, input_pos=None, kv_len=None):
+    def forward(self, x, cos, sin, positions, mask=None, cache: KVCache | None = None):
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, S, D]
-        gqa = self.n_heads != self.n_kv_heads
-        if self.cache is not None and input_pos is not None:
-            k, v = self.cache.update(input_pos, k, v)
-            if kv_len is not None:  # eager decoding: attend to the filled part of the cache only
-                k, v = k[:, :, :kv_len], v[:, :, :kv_len]  # the mask is already kv_len wide
-                if seqlen == 1:  # the one new token sees every filled position: no mask to apply
-                    if torch.compiler.is_compiling() and not q.is_cuda:  # the exported CPU decode step
-                        out = grouped_decode_attention(q, k, v)
-                    else:
-                        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-                    return self.wo(out.transpose(1, 2).reshape(bsz, 1, -1))
-        if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask
-            out = _flex_attention(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=gqa)
+        if cache is None:
+            out = attention(q, k, v, mask)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+            out = cache.attend(self.layer_id, q, k, v, positions, mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -162,13 +149,13 @@ class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
         self.layer_id = layer_id
-        self.attention = Attention(args)
+        self.attention = Attention(layer_id, args)
         self.feed_forward = FeedForward(args.dim, args.hidden_dim)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, mask=None, input_pos=None, kv_len=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos, kv_len)
+    def forward(self, x, cos, sin, positions, mask=None, cache: KVCache | None = None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, positions, mask, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -186,64 +173,35 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, tokens: torch.Tensor, *, doc_ids: torch.Tensor | None = None,
-                input_pos: torch.Tensor | None = None, kv_len: int | None = None, mask=None,
-                last_only: bool = False) -> torch.Tensor:
-        """tokens [B, S] -> logits [B, S, vocab] (or [B, 1, vocab] with ``last_only``).
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, *, mask=None,
+                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """tokens [B, S] -> logits [B, S, vocab] (or [B, 1, vocab], the last position only, with ``last_only``).
 
-        doc_ids [B, S]: packed rows; attention stays inside each document, positions restart at 0.
-        input_pos [S]: positions of ``tokens`` when decoding with the KV cache (see ``setup_cache``).
-        kv_len: with input_pos, how many cache positions are filled (input_pos[-1] + 1); lets eager
-            decoding skip the empty tail of the static cache. Leave it None under torch.compile.
-        mask: a prebuilt ``doc_mask(doc_ids)``, to build it once for several forward passes.
+        One signature for training, prefill and decoding, which differ only in what they pass:
+
+        positions: [S] (shared by every row) or [B, S] (one per row, e.g. rows of a batch at different
+            lengths): each token's RoPE position and, with a cache, the cache slot it is written to.
+            Default 0..S-1. Packed training rows restart them at each document (``masks.doc_positions``).
+        mask: who may attend to whom, built by the caller (``llamaherd.model.masks``). Without a cache:
+            None is causal over the S tokens; a boolean [B or 1, 1, S, S] tensor (True: may attend) or a
+            FlexAttention BlockMask (``doc_mask``) keeps packed documents apart. With a cache: a boolean
+            [B or 1, 1, S, K] tensor over the first K cache positions (``causal_mask(positions, K)``),
+            or None for causal by position over the whole cache (static shapes, for CUDA graphs).
+        cache: the caller's KV cache (``KVCache``): every layer writes its keys and values at
+            ``positions`` and attends over the cache rather than over the S tokens alone.
         """
         seqlen = tokens.shape[1]
-        if doc_ids is not None:
-            pos = doc_positions(doc_ids)
-            if mask is None:
-                mask = doc_mask(doc_ids)
-        elif input_pos is not None:
-            pos = input_pos
-            cache = self.layers[0].attention.cache
-            if cache is None:
-                raise RuntimeError("input_pos needs a KV cache: call setup_cache() first")
-            cache_pos = torch.arange(cache.k.shape[2] if kv_len is None else kv_len, device=tokens.device)
-            mask = (cache_pos <= input_pos[:, None])[None, None]  # [1, 1, S, kv_len or cache_len]: causal
-        else:
-            pos = torch.arange(seqlen, device=tokens.device)
-        if input_pos is None and seqlen > self.rope_cos.shape[0]:
-            raise ValueError(f"sequence of {seqlen} tokens is longer than max_seq_len {self.rope_cos.shape[0]}")
-        cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+        if positions is None:
+            if seqlen > self.rope_cos.shape[0]:
+                raise ValueError(f"sequence of {seqlen} tokens is longer than max_seq_len {self.rope_cos.shape[0]}")
+            positions = torch.arange(seqlen, device=tokens.device)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [S, D/2] or [B, S, D/2]
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, input_pos, kv_len)
+            h = layer(h, cos, sin, positions, mask, cache)
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h))
-
-    def setup_cache(self, batch_size: int, max_seq_len: int | None = None, dtype=None, device=None) -> None:
-        """A static KV cache for decoding ``batch_size`` rows of up to ``max_seq_len`` tokens.
-
-        A cache of the same shape that is already there is zeroed and kept, so that its tensors keep
-        their addresses (a captured CUDA graph stays valid).
-        """
-        max_seq_len = max_seq_len or self.args.max_seq_len
-        w = self.tok_embeddings.weight
-        dtype, device = dtype or w.dtype, torch.device(device) if device is not None else w.device
-        shape = (batch_size, self.args.n_kv_heads, max_seq_len, self.args.head_dim)
-        for layer in self.layers:
-            cache = layer.attention.cache
-            if cache is not None and (cache.k.shape, cache.k.dtype, cache.k.device) == (shape, dtype, device):
-                cache.k.zero_()
-                cache.v.zero_()
-            else:
-                with torch.inference_mode(False):  # a normal tensor, which an exported decode step can update
-                    layer.attention.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads,
-                                                    self.args.head_dim, dtype, device)
-
-    def clear_cache(self) -> None:
-        for layer in self.layers:
-            layer.attention.cache = None
 
     def init_rope(self, device=None) -> None:
         """(Re)compute the RoPE tables, e.g. after building the model on the meta device."""

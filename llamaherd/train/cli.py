@@ -62,7 +62,7 @@ def cmd_pretrain(args) -> int:
     from rich.console import Console
 
     from llamaherd.config import load_config
-    from llamaherd.train.trainer import pretrain
+    from llamaherd.train.pretrain import pretrain
 
     overrides = _split_overrides(args)
     cfg = load_config(args.recipe, overrides)

@@ -162,9 +162,10 @@ def stage_samples(cfg: RunConfig, run_dir: Path) -> list[tuple[str, str]]:
     import torch
 
     from llamaherd.checkpoint import load
-    from llamaherd.generation import generate
+    from llamaherd.generation import generate, prepare_for_decoding
 
     model, tok = load(run_dir)
+    prepare_for_decoding(model)
     out = []
     for i, prompt in enumerate(cfg.sample.prompts):
         ids = tok.encode(prompt, bos=True)
@@ -282,7 +283,7 @@ def run(recipe: str | None = None, overrides: list[str] | None = None, out: str 
 
     from llamaherd.data.pack import PackedDataset
     from llamaherd.tokenizer import Tokenizer
-    from llamaherd.train.trainer import pretrain
+    from llamaherd.train.pretrain import pretrain
 
     console = console or Console(stderr=True)
     cfg = load_config(recipe or "tiny", overrides)

@@ -1,12 +1,19 @@
-"""The pretraining loop: read packed rows, step AdamW, log, evaluate, checkpoint, resume exactly.
+"""The training loop that every training stage shares: pretraining today; SFT, the reward model and DPO next.
 
-    for step in start+1 .. steps:
-        lr <- warmup + cosine schedule(step)
-        for each of grad_accum micro-batches: loss(model(inputs, doc_ids), targets).backward()
-        clip gradients; optimizer.step(); log; maybe evaluate; maybe checkpoint
+    trainer = Trainer(model, NextTokenLoss(), data, cfg, run_dir, tokenizer=tok, eval_data=val_batches)
+    trainer.resume()            # the newest good checkpoint in run_dir, if there is one
+    result = trainer.fit()      # train to cfg.train.steps
 
-Everything that decides the next step (weights, optimizer moments, loader position, RNG) is in the
-checkpoint, so a run killed at any moment and started again ends bit-identical to one never stopped.
+    fit():  for step in step+1 .. steps:
+                train_step(): lr <- warmup + cosine(step)
+                              grad_accum x [loss(model, next(data)).backward()]; clip; AdamW step
+                log; every eval_every steps evaluate(); every checkpoint.every steps save()
+
+Stages differ in their model, their loss (``loss(model, batch) -> LossOutput``, see losses.py) and
+their data (an iterator of batches with ``state_dict`` / ``load_state_dict``), not in the loop. The
+model arrives built and parallelised (``parallel.build_model``). Everything that decides the next step
+(weights, optimizer moments, data position, RNG, step) is in ``state_dict()`` and in every checkpoint,
+so a run killed at any moment and started again ends bit-identical to one never stopped.
 """
 
 from __future__ import annotations
@@ -15,18 +22,19 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from llamaherd.config import RunConfig, dump_config, model_args
+from llamaherd.checkpoint import runs
+from llamaherd.config import RunConfig
 from llamaherd.errors import HerdError
-from llamaherd.train import checkpointing
+from llamaherd.model.args import flops_per_token
+from llamaherd.train.losses import LossOutput
 from llamaherd.train.metrics import MetricsLog, bits_per_byte, memory_gib, peak_flops
-from llamaherd.train.parallel import prepare_model
 
 
 @dataclass
@@ -85,40 +93,194 @@ def make_optimizer(model, cfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)
 
 
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in nats over the targets that are not ignored (-100)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+class Trainer:
+    """Trains ``model`` on ``data`` by minimising ``loss``, as ``cfg.train`` and ``cfg.checkpoint`` say.
 
+    model: built and parallelised, on its device (``parallel.build_model``); it has ``.args``.
+    loss: ``loss(model, batch) -> LossOutput``; run under autocast when ``cfg.train.dtype`` asks for it.
+    data: an endless iterator of batches (``batch.to(device)``) with ``state_dict`` / ``load_state_dict``.
+    run_dir: where ``metrics.jsonl`` and ``checkpoints/step_*`` go (checked writable at once); ``tokenizer``
+        is saved with each checkpoint.
+    eval_data: a function returning the validation batches, the same ones each time (None: no evaluation).
+    eval_text: (tokens predicted, bytes of text) of the whole validation set, to log bits per byte too.
+    optimizer: default AdamW as ``cfg.train`` says (``make_optimizer``); ``name`` labels the progress bar.
+    """
 
-@torch.no_grad()
-def evaluate(model, dataset, cfg, device, amp, max_batches: int | None) -> float:
-    """Mean validation loss (nats per predicted token) over up to ``max_batches`` unshuffled batches."""
-    from llamaherd.data.loader import iter_eval_batches
+    def __init__(self, model: torch.nn.Module, loss: Callable[..., LossOutput], data: Iterator, cfg: RunConfig,
+                 run_dir: str | Path, *, tokenizer=None, eval_data: Callable[[], Iterable] | None = None,
+                 eval_text: tuple[int, int] | None = None, optimizer: torch.optim.Optimizer | None = None,
+                 name: str = "train", progress: bool = True, console=None):
+        self.model, self.loss, self.data, self.cfg = model, loss, data, cfg
+        self.run_dir, self.tokenizer = Path(run_dir), tokenizer
+        self.eval_data, self.eval_text = eval_data, eval_text
+        self.device = next(model.parameters()).device
+        self.amp_dtype = autocast_dtype(cfg.train.dtype, self.device)
+        self.optimizer = optimizer or make_optimizer(model, cfg.train)
+        self.name, self.progress, self.console = name, progress, console
+        self.step = 0
+        self.resumed_from: Path | None = None  # the checkpoint resume() loaded
+        check_writable(self.run_dir)
 
-    model.eval()
-    total, count = 0.0, 0
-    for batch in iter_eval_batches(dataset, cfg.batch_size, cfg.seq_len, max_batches=max_batches):
-        batch = batch.to(device)
-        with amp():
-            logits = model(batch.inputs, doc_ids=batch.doc_ids)
-        n = int((batch.targets != -100).sum())
-        if n:
-            total += float(loss_fn(logits, batch.targets)) * n
-            count += n
-    model.train()
-    if count == 0:
-        raise HerdError("validation set has no tokens to predict")
-    return total / count
+    # --- state ---------------------------------------------------------------------------------
 
+    def state_dict(self) -> dict:
+        """Everything that decides the next step: weights, optimizer moments, data position, RNG, step."""
+        return {"step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "loader": self.data.state_dict(), "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
 
-def dataset_bytes(dataset, tokenizer) -> int:
-    """UTF-8 bytes of the text behind a packed dataset (begin/end-of-text tokens excluded)."""
-    specials = {dataset.bos_id, dataset.eos_id}
-    total = 0
-    for i in range(dataset.n_docs):
-        ids = [t for t in dataset.doc(i).tolist() if t not in specials]
-        total += len(tokenizer.decode_bytes(ids))
-    return total
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.data.load_state_dict(state["loader"])
+        torch.set_rng_state(state["rng_cpu"])
+        if self.device.type == "cuda" and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+        self.step = state["step"]
+
+    def save(self) -> Path:
+        """Checkpoint the current step: the weights as a loadable model, the rest in ``train_state.pt``."""
+        state = self.state_dict()
+        del state["model"]  # written as the checkpoint's model files
+        return runs.save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer, state,
+                                    self.cfg.checkpoint.keep)
+
+    def resume(self) -> Path | None:
+        """Continue from the newest checkpoint in ``run_dir`` whose checksums verify (damaged ones are
+        reported and skipped); returns it, or None when there is none."""
+        from llamaherd.checkpoint import load
+
+        ckpt = runs.latest_good(self.run_dir, warn=self._log)
+        if ckpt is None:
+            return None
+        dtype = next(self.model.parameters()).dtype
+        trained, _ = load(ckpt, device=self.device, dtype=dtype, tokenizer=False)
+        if trained.args != self.model.args:
+            raise HerdError(f"{ckpt}: was trained with different model settings than this recipe; use another --out")
+        state = runs.load_train_state(ckpt)
+        self.load_state_dict({**state, "model": trained.state_dict()})
+        self.resumed_from = ckpt
+        return ckpt
+
+    # --- one step, one evaluation ----------------------------------------------------------------
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+
+    def train_step(self) -> dict:
+        """One optimizer step over ``grad_accum`` micro-batches; returns its record for metrics.jsonl."""
+        tcfg = self.cfg.train
+        self.step += 1
+        lr = lr_at(self.step, tcfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # summed on the device: one sync
+        extra: dict[str, torch.Tensor] = {}
+        for _ in range(tcfg.grad_accum):
+            batch = next(self.data).to(self.device, non_blocking=True)
+            with self._autocast():
+                out = self.loss(self.model, batch)
+            loss = out.loss / tcfg.grad_accum
+            loss.backward()
+            loss_sum += loss.detach()
+            for name, value in out.metrics.items():
+                extra[name] = extra.get(name, 0.0) + value.detach().double() / tcfg.grad_accum
+        loss_sum = float(loss_sum)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"step": self.step, "loss": loss_sum, "grad_norm": grad_norm, "lr": lr,
+                **{name: float(value) for name, value in extra.items()}}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation loss: the loss's mean over every unit of the validation batches (``val_loss``),
+        and in bits per byte of text when ``eval_text`` is known (``val_bpb``)."""
+        self.model.eval()
+        total, count = 0.0, 0
+        for batch in self.eval_data():
+            with self._autocast():
+                out = self.loss(self.model, batch.to(self.device))
+            n = int(out.count)
+            if n:
+                total += float(out.loss) * n
+                count += n
+        self.model.train()
+        if count == 0:
+            raise HerdError("validation set has no tokens to predict")
+        val = total / count
+        return {"val_loss": val, "val_bpb": bits_per_byte(val, *self.eval_text) if self.eval_text else None}
+
+    # --- the loop ----------------------------------------------------------------------------------
+
+    def _log(self, message: str) -> None:
+        if self.console is None:
+            print(message)
+        else:
+            self.console.print(message, soft_wrap=True, highlight=False, markup=False)
+
+    def fit(self) -> TrainResult:
+        """Train from the current step to ``cfg.train.steps``: log every step, evaluate and checkpoint as
+        configured; SIGTERM / SIGINT checkpoint and stop after the current step."""
+        tcfg, ccfg, run_dir = self.cfg.train, self.cfg.checkpoint, self.run_dir
+        metrics = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if tcfg.tensorboard else None)
+        start = self.step
+        metrics.truncate_after(start)  # records past the checkpoint are redone, bit for bit
+        if start >= tcfg.steps:
+            self._log(f"{run_dir}: already trained to step {start} of {tcfg.steps}; nothing to do")
+        elif start:
+            self._log(f"resuming from {self.resumed_from} (step {start})")
+        tokens_per_step = tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum
+        flops_tok = flops_per_token(self.model.args, tcfg.seq_len)
+        peak = peak_flops(self.device) if self.amp_dtype == torch.bfloat16 else None
+
+        train_loss = val_loss = val_bpb = None
+        recent: list[float] = []  # the last log_every losses: the reported train loss is their mean
+        last_ckpt, stopped_by = self.resumed_from, None
+        t_run = time.perf_counter()
+        t_log, tokens_since = time.perf_counter(), 0
+        self.model.train()
+        with _StopSignals() as stop, _progress(self.progress, self.console) as bar:
+            task = bar.add_task(self.name, total=tcfg.steps, completed=start, loss=float("nan"))
+            while self.step < tcfg.steps:
+                record = self.train_step()
+                step = self.step
+                recent = (recent + [record["loss"]])[-tcfg.log_every:]
+                train_loss, tokens_since = sum(recent) / len(recent), tokens_since + tokens_per_step
+                if step % tcfg.log_every == 0 or step == tcfg.steps:
+                    elapsed = time.perf_counter() - t_log
+                    tps = tokens_since / elapsed if elapsed > 0 else 0.0
+                    record.update(tokens_per_s=tps, memory_gib=memory_gib(self.device),
+                                  mfu=(tps * flops_tok / peak) if peak else None)
+                    t_log, tokens_since = time.perf_counter(), 0
+                metrics.write(record)
+                bar.update(task, completed=step, loss=record["loss"])
+                if self.eval_data is not None and tcfg.eval_every and (step % tcfg.eval_every == 0
+                                                                       or step == tcfg.steps):
+                    val = self.evaluate()
+                    metrics.write({"step": step, **val})
+                    val_loss, val_bpb = val["val_loss"], val["val_bpb"]
+                if stop.received or step == tcfg.steps or (ccfg.every and step % ccfg.every == 0):
+                    last_ckpt = self.save()
+                if stop.received:
+                    stopped_by = stop.received
+                    self._log(f"{stopped_by}: checkpoint written at step {step} ({last_ckpt}); "
+                              "run the same command to resume")
+                    break
+        metrics.close()
+        if self.step == start:  # nothing left to train: report what the log says
+            records = metrics.read()
+            losses = [r["loss"] for r in records if "loss" in r][-tcfg.log_every:]
+            vals = [r for r in records if "val_loss" in r]
+            train_loss = sum(losses) / len(losses) if losses else None
+            if vals:
+                val_loss, val_bpb = vals[-1]["val_loss"], vals[-1]["val_bpb"]
+        elapsed, done = time.perf_counter() - t_run, self.step - start
+        return TrainResult(run_dir=run_dir, step=self.step, steps=tcfg.steps, resumed_from=start,
+                           stopped_by=stopped_by, train_loss=train_loss if train_loss is not None else float("nan"),
+                           val_loss=val_loss, val_bpb=val_bpb, tokens_seen=self.step * tokens_per_step,
+                           tokens_per_s=done * tokens_per_step / elapsed if elapsed > 0 and done else 0.0,
+                           checkpoint=last_ckpt)
 
 
 class _StopSignals:
@@ -142,7 +304,8 @@ class _StopSignals:
             signal.signal(sig, old)
 
 
-def _check_writable(run_dir: Path) -> None:
+def check_writable(run_dir: Path) -> None:
+    """A one-line HerdError unless checkpoints can be written under ``run_dir`` (created if needed)."""
     try:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         probe = run_dir / "checkpoints" / ".write-test"
@@ -150,168 +313,6 @@ def _check_writable(run_dir: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise HerdError(f"checkpoint directory {run_dir / 'checkpoints'} cannot be written: {e.strerror or e}") from None
-
-
-def pretrain(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, console=None) -> TrainResult:
-    """Train (or resume training) the model ``cfg`` describes; checkpoints and metrics go to ``run_dir``."""
-    from llamaherd.checkpoint import load
-    from llamaherd.data.loader import PackedLoader
-    from llamaherd.data.pack import PackedDataset
-    from llamaherd.model.args import flops_per_token
-    from llamaherd.model.transformer import Transformer
-    from llamaherd.tokenizer import Tokenizer
-
-    run_dir = Path(run_dir)
-    tcfg = cfg.train
-    if tcfg.steps < 1 or tcfg.batch_size < 1 or tcfg.seq_len < 2 or tcfg.grad_accum < 1:
-        raise HerdError("train: steps, batch_size and grad_accum must be >= 1 and seq_len >= 2")
-    if not cfg.data.train_dir:
-        raise HerdError("data.train_dir is not set: point it at a packed dataset (herd data pack)")
-    tokenizer_path = Path(cfg.tokenizer.path) if cfg.tokenizer.path else run_dir / "tokenizer.model"
-    tokenizer = Tokenizer.from_file(tokenizer_path)
-    train_set = PackedDataset(cfg.data.train_dir)
-    val_set = PackedDataset(cfg.data.val_dir) if cfg.data.val_dir else None
-    for ds in filter(None, (train_set, val_set)):
-        if ds.vocab_size != tokenizer.n_words:
-            raise HerdError(f"{ds.path}: packed with a vocabulary of "
-                            f"{ds.vocab_size} tokens but tokenizer {tokenizer_path} has {tokenizer.n_words}")
-    args = model_args(cfg, vocab_size=tokenizer.n_words)
-    if "vocab_size" in cfg.model.overrides and cfg.model.overrides["vocab_size"] < tokenizer.n_words:
-        raise HerdError(f"model.vocab_size {cfg.model.overrides['vocab_size']} is smaller than tokenizer "
-                        f"{tokenizer_path} ({tokenizer.n_words} tokens)")
-    if tcfg.seq_len > args.max_seq_len:
-        raise HerdError(f"train.seq_len {tcfg.seq_len} is longer than the model's max_seq_len {args.max_seq_len}")
-
-    device = resolve_device(tcfg.device)
-    amp_dtype = autocast_dtype(tcfg.dtype, device)
-    amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
-    _check_writable(run_dir)
-    (run_dir / "config.toml").write_text(dump_config(cfg))
-
-    # a fresh model, or the newest good checkpoint's
-    def log(message: str) -> None:
-        if console is None:
-            print(message)
-        else:
-            console.print(message, soft_wrap=True, highlight=False, markup=False)
-
-    ckpt = checkpointing.latest_good(run_dir, warn=log)
-    loader = PackedLoader(train_set, tcfg.batch_size, tcfg.seq_len, seed=tcfg.seed)
-    if ckpt is not None:
-        state = checkpointing.load_train_state(ckpt)
-        model, _ = load(ckpt, device=device, dtype=torch.float32, tokenizer=False)
-        if model.args != args:
-            raise HerdError(f"{ckpt}: was trained with different model settings than this recipe; use another --out")
-        for p in model.parameters():
-            p.requires_grad_(True)
-        start = state["step"]
-        loader.load_state_dict(state["loader"])
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"], device)
-    else:
-        torch.manual_seed(tcfg.seed)
-        with torch.device("meta"):
-            model = Transformer(args)
-        model.to_empty(device=device)
-        if args.tie_embeddings:  # to_empty gives every module its own tensor: tie them again
-            model.output.weight = model.tok_embeddings.weight
-        model.init_rope(device)
-        model.init_weights(seed=tcfg.seed)
-        state, start = None, 0
-    model.train()
-    optimizer = make_optimizer(model, tcfg)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    prepare_model(model, activation_checkpointing=tcfg.activation_checkpointing, compile=tcfg.compile)
-    train_loss_fn = torch.compile(loss_fn) if tcfg.compile else loss_fn  # fuses the float32 upcast into the loss
-
-    metrics = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if tcfg.tensorboard else None)
-    metrics.truncate_after(start)  # records past the checkpoint are redone, bit for bit
-    if start >= tcfg.steps:
-        log(f"{run_dir}: already trained to step {start} of {tcfg.steps}; nothing to do")
-    elif start:
-        log(f"resuming from {ckpt} (step {start})")
-    tokens_per_step = tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum
-    flops_tok = flops_per_token(args, tcfg.seq_len)
-    peak = peak_flops(device) if amp_dtype == torch.bfloat16 else None
-    val_bytes = val_tokens = None
-    if val_set is not None:
-        val_bytes = dataset_bytes(val_set, tokenizer)
-        val_tokens = val_set.n_tokens - val_set.n_docs  # predicted targets: every token but each document's first
-
-    def save(step: int) -> Path:
-        train_state = {"step": step, "optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
-                       "rng_cpu": torch.get_rng_state(),
-                       "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        return checkpointing.save_checkpoint(run_dir, step, model, tokenizer, train_state, cfg.checkpoint.keep)
-
-    def validate(step: int) -> tuple[float, float | None]:
-        val = evaluate(model, val_set, tcfg, device, amp, tcfg.eval_batches or None)
-        bpb = bits_per_byte(val, val_tokens, val_bytes) if val_bytes else None
-        metrics.write({"step": step, "val_loss": val, "val_bpb": bpb})
-        return val, bpb
-
-    train_loss = val_loss = val_bpb = None
-    recent: list[float] = []  # the last log_every losses: the reported train loss is their mean
-    last_ckpt = ckpt
-    step, stopped_by = start, None
-    t_run = time.perf_counter()
-    t_log, tokens_since = time.perf_counter(), 0
-    bar = _progress(progress, console)
-    with _StopSignals() as stop, bar:
-        task = bar.add_task("pretrain", total=tcfg.steps, completed=start, loss=float("nan"))
-        while step < tcfg.steps:
-            step += 1
-            lr = lr_at(step, tcfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: one sync a step
-            for _ in range(tcfg.grad_accum):
-                batch = next(loader).to(device, non_blocking=True)
-                with amp():
-                    logits = model(batch.inputs, doc_ids=batch.doc_ids)
-                loss = train_loss_fn(logits, batch.targets) / tcfg.grad_accum
-                loss.backward()
-                loss_sum += loss.detach()
-            loss_sum = float(loss_sum)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            recent = (recent + [loss_sum])[-tcfg.log_every:]
-            train_loss, tokens_since = sum(recent) / len(recent), tokens_since + tokens_per_step
-            record = {"step": step, "loss": loss_sum, "grad_norm": grad_norm, "lr": lr}
-            if step % tcfg.log_every == 0 or step == tcfg.steps:
-                elapsed = time.perf_counter() - t_log
-                tps = tokens_since / elapsed if elapsed > 0 else 0.0
-                record.update(tokens_per_s=tps, memory_gib=memory_gib(device),
-                              mfu=(tps * flops_tok / peak) if peak else None)
-                t_log, tokens_since = time.perf_counter(), 0
-            metrics.write(record)
-            bar.update(task, completed=step, loss=loss_sum)
-            if val_set is not None and tcfg.eval_every and (step % tcfg.eval_every == 0 or step == tcfg.steps):
-                val_loss, val_bpb = validate(step)
-            if stop.received or step == tcfg.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-                last_ckpt = save(step)
-            if stop.received:
-                stopped_by = stop.received
-                log(f"{stopped_by}: checkpoint written at step {step} ({last_ckpt}); run the same command to resume")
-                break
-    metrics.close()
-    if step == start:  # nothing left to train: report what the log says
-        records = metrics.read()
-        losses = [r["loss"] for r in records if "loss" in r][-tcfg.log_every:]
-        vals = [r for r in records if "val_loss" in r]
-        train_loss = sum(losses) / len(losses) if losses else None
-        if vals:
-            val_loss, val_bpb = vals[-1]["val_loss"], vals[-1]["val_bpb"]
-    elapsed = time.perf_counter() - t_run
-    done = step - start
-    return TrainResult(run_dir=run_dir, step=step, steps=tcfg.steps, resumed_from=start, stopped_by=stopped_by,
-                       train_loss=train_loss if train_loss is not None else float("nan"),
-                       val_loss=val_loss, val_bpb=val_bpb, tokens_seen=step * tokens_per_step,
-                       tokens_per_s=done * tokens_per_step / elapsed if elapsed > 0 and done else 0.0,
-                       checkpoint=last_ckpt)
 
 
 class _NoProgress:

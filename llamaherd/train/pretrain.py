@@ -1,0 +1,74 @@
+"""Pretraining: next-token prediction on packed tokens, through the shared Trainer.
+
+    herd pretrain RECIPE --out runs/NAME   (or llamaherd.train.pretrain.pretrain(cfg, "runs/NAME"))
+
+What is particular to pretraining is set up here: the tokenizer and the packed datasets a recipe
+names (checked against each other), a fresh model built from the recipe's shape, the shuffled
+rank-sharded loader, the validation pass and its bits per byte. The loop is ``Trainer.fit``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llamaherd.config import RunConfig, dump_config, model_args
+from llamaherd.errors import HerdError
+from llamaherd.train.losses import NextTokenLoss
+from llamaherd.train.parallel import build_model
+from llamaherd.train.trainer import Trainer, TrainResult, autocast_dtype, check_writable, resolve_device
+
+
+def dataset_bytes(dataset, tokenizer) -> int:
+    """UTF-8 bytes of the text behind a packed dataset (begin/end-of-text tokens excluded)."""
+    specials = {dataset.bos_id, dataset.eos_id}
+    total = 0
+    for i in range(dataset.n_docs):
+        ids = [t for t in dataset.doc(i).tolist() if t not in specials]
+        total += len(tokenizer.decode_bytes(ids))
+    return total
+
+
+def pretrain(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, console=None) -> TrainResult:
+    """Train (or resume training) the model ``cfg`` describes; checkpoints and metrics go to ``run_dir``."""
+    from llamaherd.data.loader import PackedLoader, iter_eval_batches
+    from llamaherd.data.pack import PackedDataset
+    from llamaherd.tokenizer import Tokenizer
+
+    run_dir = Path(run_dir)
+    tcfg = cfg.train
+    if tcfg.steps < 1 or tcfg.batch_size < 1 or tcfg.seq_len < 2 or tcfg.grad_accum < 1:
+        raise HerdError("train: steps, batch_size and grad_accum must be >= 1 and seq_len >= 2")
+    if not cfg.data.train_dir:
+        raise HerdError("data.train_dir is not set: point it at a packed dataset (herd data pack)")
+    tokenizer_path = Path(cfg.tokenizer.path) if cfg.tokenizer.path else run_dir / "tokenizer.model"
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+    train_set = PackedDataset(cfg.data.train_dir)
+    val_set = PackedDataset(cfg.data.val_dir) if cfg.data.val_dir else None
+    for ds in filter(None, (train_set, val_set)):
+        if ds.vocab_size != tokenizer.n_words:
+            raise HerdError(f"{ds.path}: packed with a vocabulary of "
+                            f"{ds.vocab_size} tokens but tokenizer {tokenizer_path} has {tokenizer.n_words}")
+    args = model_args(cfg, vocab_size=tokenizer.n_words)
+    if "vocab_size" in cfg.model.overrides and cfg.model.overrides["vocab_size"] < tokenizer.n_words:
+        raise HerdError(f"model.vocab_size {cfg.model.overrides['vocab_size']} is smaller than tokenizer "
+                        f"{tokenizer_path} ({tokenizer.n_words} tokens)")
+    if tcfg.seq_len > args.max_seq_len:
+        raise HerdError(f"train.seq_len {tcfg.seq_len} is longer than the model's max_seq_len {args.max_seq_len}")
+    device = resolve_device(tcfg.device)
+    autocast_dtype(tcfg.dtype, device)  # a bad train.dtype fails before anything is built
+    check_writable(run_dir)
+    (run_dir / "config.toml").write_text(dump_config(cfg))
+
+    loader = PackedLoader(train_set, tcfg.batch_size, tcfg.seq_len, seed=tcfg.seed)
+    eval_data = eval_text = None
+    if val_set is not None:
+        def eval_data():
+            return iter_eval_batches(val_set, tcfg.batch_size, tcfg.seq_len, max_batches=tcfg.eval_batches or None)
+
+        # predicted targets: every token but each document's first
+        eval_text = (val_set.n_tokens - val_set.n_docs, dataset_bytes(val_set, tokenizer))
+    trainer = Trainer(build_model(args, cfg, device), NextTokenLoss(compile=tcfg.compile), loader, cfg, run_dir,
+                      tokenizer=tokenizer, eval_data=eval_data, eval_text=eval_text, name="pretrain",
+                      progress=progress, console=console)
+    trainer.resume()
+    return trainer.fit()
