@@ -15,7 +15,7 @@ from pathlib import Path
 
 from llamaherd.errors import HerdError
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # the built-in recipes, shipped as package data
 
 
 @dataclass
@@ -152,7 +152,7 @@ def _parse_scalar(raw: str):
 
 
 def resolve_recipe(name_or_path: str | None) -> Path:
-    """A recipe file: a path, or the name of one in recipes/ ("tiny" -> recipes/tiny.toml)."""
+    """A recipe file: a path, or the name of a built-in recipe ("tiny" -> llamaherd/recipes/tiny.toml)."""
     name_or_path = name_or_path or "tiny"
     path = Path(name_or_path)
     if path.suffix != ".toml" and not path.exists():
