@@ -15,7 +15,7 @@ from pathlib import Path
 
 from llamaherd.errors import HerdError
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # the built-in recipes, shipped as package data
 
 
 @dataclass
@@ -151,15 +151,38 @@ def _parse_scalar(raw: str):
         return raw
 
 
+def builtin_recipes() -> list[tuple[str, str]]:
+    """The built-in recipes as (name, description) pairs, sorted by name: the file stem and the text of
+    the file's first comment line ("" when it has none)."""
+    if not RECIPES_DIR.is_dir():
+        return []
+    recipes = []
+    for path in sorted(RECIPES_DIR.glob("*.toml"), key=lambda p: p.stem):
+        comment = next((line for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("#")), "")
+        recipes.append((path.stem, comment.removeprefix("#").strip()))
+    return recipes
+
+
+def _known_recipes() -> str:
+    return ", ".join(name for name, _ in builtin_recipes()) or "none"
+
+
+def builtin_recipe(name: str) -> Path:
+    """The file of a built-in recipe ("tiny" -> llamaherd/recipes/tiny.toml); an unknown name is an error."""
+    path = RECIPES_DIR / f"{name}.toml"
+    if not name or Path(name).name != name or not path.is_file():
+        raise HerdError(f"no built-in recipe {name!r} (built-in recipes: {_known_recipes()})")
+    return path
+
+
 def resolve_recipe(name_or_path: str | None) -> Path:
-    """A recipe file: a path, or the name of one in recipes/ ("tiny" -> recipes/tiny.toml)."""
+    """A recipe file: a path, or the name of a built-in recipe ("tiny" -> llamaherd/recipes/tiny.toml)."""
     name_or_path = name_or_path or "tiny"
     path = Path(name_or_path)
     if path.suffix != ".toml" and not path.exists():
         path = RECIPES_DIR / f"{name_or_path}.toml"
     if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))) if RECIPES_DIR.is_dir() else "none"
-        raise HerdError(f"recipe {name_or_path!r} not found (built-in recipes: {known})")
+        raise HerdError(f"recipe {name_or_path!r} not found (built-in recipes: {_known_recipes()})")
     return path
 
 

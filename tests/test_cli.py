@@ -21,8 +21,8 @@ def all_commands(parser: argparse.ArgumentParser, prefix=()):
 
 def test_every_command_has_help(capsys):
     commands = list(all_commands(build_parser()))
-    assert {("run",), ("pretrain",), ("generate",), ("chat",), ("convert",), ("info",), ("tokenizer", "train"),
-            ("data", "pack")} <= set(commands)
+    assert {("run",), ("pretrain",), ("recipes",), ("generate",), ("chat",), ("convert",), ("info",),
+            ("tokenizer", "train"), ("data", "pack")} <= set(commands)
     for cmd in commands:
         with pytest.raises(SystemExit) as e:
             main([*cmd, "--help"])

@@ -1,4 +1,4 @@
-"""`herd run` (the main job) and `herd pretrain`."""
+"""`herd run` (the main job), `herd pretrain` and `herd recipes`."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ def register(sub) -> None:
     p = sub.add_parser(
         "run", help="the main job: raw text -> a small Llama 3, end to end", formatter_class=fmt,
         description="Build a Llama 3 from raw text: clean the corpus, train a BPE tokenizer, pack tokens, pretrain,\n"
-                    "validate and sample, all into runs/NAME/. With no recipe it runs recipes/tiny.toml on the\n"
-                    "embedded corpus (the Python standard library's code and docstrings). Running it again resumes.",
+                    "validate and sample, all into runs/NAME/. With no recipe it runs the built-in recipe tiny on the\n"
+                    "embedded corpus (the Python standard library's code and docstrings). Running it again resumes.\n"
+                    "The built-in recipes are listed by `herd recipes`.",
         epilog="example: herd run tiny train.steps=100 --out runs/quick")
-    p.add_argument("recipe", nargs="?", default="tiny", help="recipe name in recipes/ or a .toml path (default: tiny)")
+    p.add_argument("recipe", nargs="?", default="tiny",
+                   help="a built-in recipe (see `herd recipes`) or a .toml path (default: tiny)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. train.steps=100")
     p.add_argument("--out", default=None, help="run directory (default: runs/<recipe name>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -27,11 +29,19 @@ def register(sub) -> None:
                     "data.train_dir / data.val_dir. Running the same command on the same --out resumes from the\n"
                     "newest good checkpoint. SIGTERM / Ctrl-C write a checkpoint and stop.",
         epilog="example: herd pretrain tiny data.train_dir=packed/train tokenizer.path=tok.model train.steps=30")
-    p.add_argument("recipe", help="recipe name in recipes/ or a .toml path")
+    p.add_argument("recipe", help="a built-in recipe (see `herd recipes`) or a .toml path")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. checkpoint.every=5")
     p.add_argument("--out", default=None, help="run directory (default: runs/<recipe name>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser(
+        "recipes", help="list the built-in recipes, or print one", formatter_class=fmt,
+        description="List the recipes that come with llamaherd, each with its one-line description. With a\n"
+                    "NAME, print that recipe's TOML unchanged: a starting point for a recipe of your own.",
+        epilog="examples:\n  herd recipes\n  herd recipes tiny > my.toml && herd run my.toml")
+    p.add_argument("name", nargs="?", metavar="NAME", help="print this recipe's TOML to stdout")
+    p.set_defaults(func=cmd_recipes)
 
 
 def _split_overrides(args) -> list[str]:
@@ -75,4 +85,17 @@ def cmd_pretrain(args) -> int:
     if result.val_loss is not None:
         msg += f", validation {result.val_loss:.4f} nats/token ({result.val_bpb:.4f} bits/byte)"
     Console().print(f"{msg}; checkpoint {result.checkpoint}", soft_wrap=True, highlight=False, markup=False)
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from llamaherd.config import builtin_recipe, builtin_recipes
+
+    if args.name is not None:
+        print(builtin_recipe(args.name).read_text(encoding="utf-8"), end="")
+        return 0
+    recipes = builtin_recipes()
+    width = max((len(name) for name, _ in recipes), default=0)
+    for name, description in recipes:
+        print(f"{name:<{width}}  {description}".rstrip())
     return 0
