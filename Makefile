@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is installed first and pinned, so that the rest of the install never pulls another build
 TORCH ?= torch==2.13.0
 
-.PHONY: run test install dev bench clean
+.PHONY: run test lint install dev bench clean
 
 $(VENV)/.core: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,8 +28,11 @@ dev: $(VENV)/.dev
 run: $(VENV)/.run
 	$(VENV)/bin/herd run
 
-test: $(VENV)/.dev
+test: lint
 	$(PY) -m pytest tests
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check .
 
 bench: $(VENV)/.dev
 	$(PY) benchmarks/cpu_generate.py

@@ -26,7 +26,6 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` from a checkout
 
 from llamaherd.model import ModelArgs, Transformer  # noqa: E402
 
-
 # --- machine description ---------------------------------------------------------------------------
 
 def _cpu_model() -> str:
@@ -158,7 +157,9 @@ def paired_ratio(num: list[float], den: list[float]) -> dict:
 def fmt_table(headers: list[str], rows: list[list]) -> str:
     cells = [[str(c) for c in r] for r in [headers, *rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    line = lambda r: "| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
+    def line(r):
+        return "| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
+
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(cells[0]), sep, *(line(r) for r in cells[1:])])
 
@@ -272,7 +273,8 @@ def build_hf(model: Transformer, *, attn_implementation: str = "sdpa"):
 
 
 @torch.no_grad()
-def assert_same_logits(ours: Transformer, hf, tokens: torch.Tensor, rtol: float = 1e-5, atol_scale: float = 1e-5) -> float:
+def assert_same_logits(ours: Transformer, hf, tokens: torch.Tensor, rtol: float = 1e-5,
+                       atol_scale: float = 1e-5) -> float:
     """Both models give the same logits for ``tokens`` (tolerance relative to max |logit|); returns max |diff|."""
     a = ours(tokens).float()
     b = hf(input_ids=tokens, use_cache=False).logits.float()

@@ -26,10 +26,22 @@ import time
 
 import torch
 import torch.nn.functional as F
+from common import (
+    add_threads_argument,
+    assert_same_logits,
+    build_hf,
+    build_ours,
+    fmt_table,
+    interleaved,
+    machine,
+    paired_ratio,
+    print_machine,
+    set_threads,
+    stats,
+    write_json,
+)
 from torch import nn
 
-from common import (add_threads_argument, assert_same_logits, build_hf, build_ours, fmt_table, interleaved,
-                    machine, paired_ratio, print_machine, set_threads, stats, write_json)
 from llamaherd.generation import generate, prepare_for_decoding
 from llamaherd.model import preset
 

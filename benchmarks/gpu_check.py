@@ -24,8 +24,8 @@ import traceback
 from pathlib import Path
 
 import torch
-
 from common import machine, print_machine, require_device, timed, write_json
+
 from llamaherd.generation import generate
 from llamaherd.model import ModelArgs, Transformer
 from llamaherd.model.masks import doc_mask, doc_positions
@@ -121,8 +121,8 @@ def check_attention_timing(device: str, quick: bool) -> dict:
 
 def check_pretrain(device: str, quick: bool) -> dict:
     from llamaherd.config import load_config
-    from llamaherd.train.run import run
     from llamaherd.train.pretrain import pretrain
+    from llamaherd.train.run import run
 
     steps = 20 if quick else 60
     common = [f"train.device={device}", f"train.steps={steps}", f"train.eval_every={steps}", "train.log_every=5",
@@ -143,7 +143,8 @@ def check_pretrain(device: str, quick: bool) -> dict:
 
         half = one / "checkpoints" / f"step_{steps // 2:07d}"
         shutil.copytree(half, two / "checkpoints" / half.name)
-        (two / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records if r.get("step", 0) <= steps // 2))
+        kept = [r for r in records if r.get("step", 0) <= steps // 2]
+        (two / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
         pretrain(cfg, two, progress=False)
         resumed = [json.loads(line)["loss"] for line in (two / "metrics.jsonl").read_text().splitlines()
                    if "loss" in json.loads(line)]

@@ -18,7 +18,7 @@ bfloat16 the two rounding orders differ, so the tokens may part after a while).
 
     python benchmarks/gpu_decode.py --out bench-out/gpu_decode.json            # expected: about 4-5 minutes on one H100
     python benchmarks/gpu_decode.py --quick --out bench-out/gpu_decode.json    # expected: about 3 minutes
-    python benchmarks/gpu_decode.py --device cpu --preset tiny --dtype float32 --no-compile --new-tokens 16  # smoke test
+    python benchmarks/gpu_decode.py --device cpu --preset tiny --dtype float32 --no-compile --new-tokens 16  # smoke
 """
 
 from __future__ import annotations
@@ -27,9 +27,21 @@ import argparse
 import time
 
 import torch
+from common import (
+    assert_same_logits,
+    build_hf,
+    build_ours,
+    fmt_table,
+    interleaved,
+    machine,
+    paired_ratio,
+    print_machine,
+    require_device,
+    stats,
+    timed,
+    write_json,
+)
 
-from common import (assert_same_logits, build_hf, build_ours, fmt_table, interleaved, machine, paired_ratio,
-                    print_machine, require_device, stats, timed, write_json)
 from llamaherd.generation import generate
 from llamaherd.model import preset
 

@@ -35,15 +35,25 @@ import time
 
 import torch
 import torch.nn.functional as F
+from common import (
+    assert_same_logits,
+    build_hf,
+    build_ours,
+    fmt_table,
+    machine,
+    print_machine,
+    require_device,
+    timed,
+    write_json,
+)
 
-from common import (assert_same_logits, build_hf, build_ours, fmt_table, machine, print_machine, require_device,
-                    timed, write_json)
-from llamaherd.model import flops_per_token, num_params, preset
 from llamaherd.config import load_config
+from llamaherd.model import flops_per_token, num_params, preset
 from llamaherd.model.masks import doc_mask, doc_positions
 from llamaherd.train import metrics
 from llamaherd.train.losses import cross_entropy
 from llamaherd.train.parallel import parallelize
+
 
 def peak_flops() -> float | None:
     """Dense bf16 peak of this GPU from the trainer's table (None: unknown part, no MFU)."""
@@ -171,7 +181,7 @@ def main() -> None:
                 parallelize(model, load_config(None, ["train.compile=true"]))
                 compiled_loss = torch.compile(cross_entropy)
 
-                def loss_of(t, target, fwd=fwd):
+                def loss_of(t, target, fwd=fwd, compiled_loss=compiled_loss):
                     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=use_amp):
                         logits = fwd(t)
                     return compiled_loss(logits, target)
@@ -184,14 +194,14 @@ def main() -> None:
                 if compiled:
                     loss_of = torch.compile(loss_of)
 
-            def step():
+            def step(loss_of=loss_of, opt=opt):
                 loss = loss_of(x, y)
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 return loss
 
-            warm = timed(lambda: [step() for _ in range(a.warmup)])
+            warm = timed(lambda step=step: [step() for _ in range(a.warmup)])
             times = [timed(step) for _ in range(a.steps)]
             loss = step().item()
         except Exception as e:  # one failing contender (OOM, compile error) must not lose the others
@@ -224,7 +234,7 @@ def main() -> None:
                      "warm-up s"], rows))
     res = result["results"]
     if "HF eager" in res and "tok_per_s" in res["HF eager"]:
-        for name, r in res.items():
+        for r in res.values():
             if "tok_per_s" in r:
                 r["speedup_vs_hf_eager"] = r["tok_per_s"] / res["HF eager"]["tok_per_s"]
         print("speed vs HF eager: " + ", ".join(f"{n} {r['speedup_vs_hf_eager']:.2f}x"

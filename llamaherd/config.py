@@ -206,9 +206,7 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
 
 def model_args(cfg: RunConfig, vocab_size: int | None = None):
     """The ModelArgs a run config describes; ``vocab_size`` (from the tokenizer) wins when given."""
-    from llamaherd.model.args import preset
-
-    from llamaherd.model.args import ModelArgs
+    from llamaherd.model.args import ModelArgs, preset
 
     extra = dict(cfg.model.overrides)
     unknown = sorted(set(extra) - {f.name for f in dataclasses.fields(ModelArgs)})

@@ -412,7 +412,8 @@ def test_loading_a_46mb_checkpoint_adds_far_less_than_its_size(tmp_path):
     run = subprocess.run([sys.executable, "-c", MEASURE_PEAK, str(tmp_path / "hf")], capture_output=True,
                          text=True, timeout=120)
     if run.returncode and "clear_refs" in run.stderr:
-        pytest.skip("this kernel refuses writes to /proc/self/clear_refs, so the peak RSS cannot be reset for the measurement")
+        pytest.skip("this kernel refuses writes to /proc/self/clear_refs, so the peak RSS cannot be reset for "
+                    "the measurement")
     assert run.returncode == 0, run.stderr
     added = int(run.stdout.split()[-1])
     assert 40e6 < size < 60e6 and added < 0.5 * size, (added, size)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from llamaherd.errors import HerdError
-from llamaherd.model import ModelArgs, Transformer, flops_per_token, num_params, preset
 from llamaherd.generation import StaticKVCache, grouped_decode_attention
+from llamaherd.model import ModelArgs, Transformer, flops_per_token, num_params, preset
 from llamaherd.model.masks import causal_mask, dense_doc_mask, doc_mask, doc_positions
 
 SMALL = dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=257, multiple_of=32, max_seq_len=128)
@@ -147,12 +147,10 @@ def test_kv_cache_decoding_matches_full_forward_at_every_step(n_kv_heads):
         for kv_slice in (True, False):  # the eager fast path, and the static-shape path used under compile
             cache = StaticKVCache(model.args, 2, 64)
             prefill = 9
-
-            def step(pos: torch.Tensor):  # a mask as wide as the filled part of the cache, or none
-                mask = causal_mask(pos, int(pos[-1]) + 1) if kv_slice else None
-                return model(tokens[:, pos], pos, mask=mask, cache=cache)
-
-            got = [step(torch.arange(prefill))] + [step(torch.tensor([pos])) for pos in range(prefill, 40)]
+            got = []
+            for pos in [torch.arange(prefill)] + [torch.tensor([p]) for p in range(prefill, 40)]:
+                mask = causal_mask(pos, int(pos[-1]) + 1) if kv_slice else None  # as wide as the filled part, or none
+                got.append(model(tokens[:, pos], pos, mask=mask, cache=cache))
             torch.testing.assert_close(torch.cat(got, dim=1), full, rtol=1e-5, atol=1e-5)
 
 

@@ -99,7 +99,7 @@ def test_small_shards_keep_documents_whole(tmp_path):
     assert stats.n_shards == len(meta["shards"]) == len(ds.shards) > 5
     assert sum(s["n_tokens"] for s in meta["shards"]) == meta["n_tokens"] == stats.n_tokens
     assert sum(s["n_docs"] for s in meta["shards"]) == meta["n_docs"] == len(texts)
-    for i, s in enumerate(meta["shards"]):
+    for s in meta["shards"]:
         index = np.load(tmp_path / s["index"])
         assert index[0] == 0 and index[-1] == s["n_tokens"] and len(index) == s["n_docs"] + 1
         assert s["n_tokens"] <= 100 or s["n_docs"] == 1  # only a lone oversized document overflows

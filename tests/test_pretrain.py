@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from llamaherd.checkpoint import runs as checkpointing
 from llamaherd.checkpoint.native import read_safetensors, verify_checksums
 from llamaherd.config import load_config
 from llamaherd.data.pack import pack_documents
 from llamaherd.data.stdlib_corpus import stdlib_documents
 from llamaherd.tokenizer import Tokenizer
-from llamaherd.checkpoint import runs as checkpointing
 from llamaherd.train.pretrain import pretrain
 from llamaherd.train.trainer import lr_at
 

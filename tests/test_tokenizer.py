@@ -20,8 +20,8 @@ META_MODEL = importlib.resources.files("llama_models.llama3") / "tokenizer.model
 
 TEXTS = {
     "english": "The quick brown fox jumps over the lazy dog. It's 3:45pm; we'll see—won't we? I'd say \"yes\" (99.5%)!",
-    "python": 'def fib(n: int) -> int:\n\t"""Fibonacci."""\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n\n\nprint([fib(i) for i in range(10)])  # 0..34\n',
-    "c": "#include <stdio.h>\nint main(void) {\r\n    for (int i = 0; i < 10; ++i) printf(\"%d\\n\", i * i);\r\n    return 0;\r\n}\n",
+    "python": 'def fib(n: int) -> int:\n\t"""Fibonacci."""\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n\n\nprint([fib(i) for i in range(10)])  # 0..34\n',  # noqa: E501
+    "c": "#include <stdio.h>\nint main(void) {\r\n    for (int i = 0; i < 10; ++i) printf(\"%d\\n\", i * i);\r\n    return 0;\r\n}\n",  # noqa: E501
     "chinese": "我们的目标是构建一个开放的人工智能系统。北京的秋天很美，天空湛蓝。",
     "japanese": "吾輩は猫である。名前はまだ無い。東京タワーは１９５８年に完成しました。",
     "korean": "대한민국의 수도는 서울입니다. 오늘 날씨가 정말 좋네요!",

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_model_args
+
 from llamaherd.checkpoint import runs
 from llamaherd.config import load_config
 from llamaherd.model.transformer import Transformer

@@ -17,8 +17,15 @@ from pathlib import Path
 
 import torch
 
-from llamaherd.checkpoint.native import (args_from, dtype_name, read_json, read_safetensors, write_checksums,
-                                         write_json, write_safetensors)
+from llamaherd.checkpoint.native import (
+    args_from,
+    dtype_name,
+    read_json,
+    read_safetensors,
+    write_checksums,
+    write_json,
+    write_safetensors,
+)
 from llamaherd.errors import HerdError
 from llamaherd.model.args import ModelArgs
 

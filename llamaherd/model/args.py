@@ -34,7 +34,8 @@ class ModelArgs:
         checks = [
             (self.dim > 0 and self.n_layers > 0 and self.n_heads > 0, "dim, n_layers and n_heads must be positive"),
             (self.dim % self.n_heads == 0, f"dim {self.dim} must be divisible by n_heads {self.n_heads}"),
-            (self.n_heads % self.n_kv_heads == 0, f"n_heads {self.n_heads} must be a multiple of n_kv_heads {self.n_kv_heads}"),
+            (self.n_heads % self.n_kv_heads == 0,
+             f"n_heads {self.n_heads} must be a multiple of n_kv_heads {self.n_kv_heads}"),
             ((self.dim // self.n_heads) % 2 == 0, f"head dim {self.dim // self.n_heads} must be even for RoPE"),
             (self.vocab_size > 0, f"vocab_size must be positive, got {self.vocab_size}"),
         ]
@@ -65,7 +66,8 @@ class ModelArgs:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise HerdError(f"model args: unknown field(s) {', '.join(unknown)}; expected some of {', '.join(sorted(names))}")
+            raise HerdError(f"model args: unknown field(s) {', '.join(unknown)}; "
+                            f"expected some of {', '.join(sorted(names))}")
         return cls(**d)
 
 

@@ -71,7 +71,8 @@ def load_ranks(path: str | Path) -> dict[bytes, int]:
                 token, rank = base64.b64decode(parts[0], validate=True), int(parts[1])
             except (ValueError, binascii.Error):
                 text = line.decode("utf-8", "replace").strip()[:60]
-                raise HerdError(f"{path}:{lineno}: malformed line {text!r} (expected '<base64 token> <rank>')")
+                raise HerdError(f"{path}:{lineno}: malformed line {text!r} "
+                                "(expected '<base64 token> <rank>')") from None
             if token in ranks:
                 raise HerdError(f"{path}:{lineno}: token {token!r} already has rank {ranks[token]}")
             if rank in line_of:

@@ -55,7 +55,8 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise HerdError("train.tensorboard=true needs the tensorboard package (pip install tensorboard)") from None
+                raise HerdError("train.tensorboard=true needs the tensorboard package "
+                                "(pip install tensorboard)") from None
             self.tb = SummaryWriter(str(tensorboard_dir))
 
     def truncate_after(self, step: int) -> None:

@@ -18,7 +18,6 @@ running the same command again resumes where it stopped.
 from __future__ import annotations
 
 import json
-
 import shutil
 import time
 from dataclasses import dataclass, field

@@ -312,7 +312,8 @@ def check_writable(run_dir: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise HerdError(f"checkpoint directory {run_dir / 'checkpoints'} cannot be written: {e.strerror or e}") from None
+        raise HerdError(f"checkpoint directory {run_dir / 'checkpoints'} cannot be written: "
+                        f"{e.strerror or e}") from None
 
 
 class _NoProgress:
