@@ -156,3 +156,12 @@ def test_the_checker_finds_upward_imports_cycles_and_stray_argparse(tmp_path):
     (pkg / "mystery" / "__init__.py").write_text("")
     with pytest.raises(AssertionError, match="area 'mystery' is in no layer"):
         problems(pkg, "pkg")
+
+
+def test_the_model_makes_no_compilation_or_parallelism_choices():
+    """model/ reads like Meta's reference: whether it is being compiled, exported or sharded is decided
+    outside it (generation picks the decode attention, train/parallel.py applies compile and sharding)."""
+    for path in (PACKAGE / "model").rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        for word in ("is_compiling", "torch.distributed", "fully_shard", "torch.export", "is_exporting"):
+            assert word not in text, f"{path.relative_to(PACKAGE.parent)} mentions {word}"

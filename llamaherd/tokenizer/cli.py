@@ -13,7 +13,7 @@ from llamaherd.errors import HerdError
 def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     """Add the `tokenizer` command group; returns its subparsers so more commands can be added."""
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    group = sub.add_parser("tokenizer", help="encode, decode (and train) Llama 3 tokenizers", formatter_class=fmt)
+    group = sub.add_parser("tokenizer", help="encode, decode and train Llama 3 tokenizers", formatter_class=fmt)
     group.set_defaults(func=lambda args: group.print_help() or 2)
     tsub = group.add_subparsers(dest="tokenizer_command", metavar="SUBCOMMAND")
     path_help = "tiktoken rank file (tokenizer.model), tokenizer.json, or a directory holding one"
