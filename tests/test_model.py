@@ -144,13 +144,17 @@ def test_kv_cache_decoding_matches_full_forward_at_every_step(n_kv_heads):
     tokens = torch.randint(0, 257, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(tokens)
-        for kv_slice in (True, False):  # the eager fast path, and the static-shape path used under compile
+        # masks as wide as the filled part of the cache; for the one-token steps, the width alone (what
+        # generate() passes); and none (the whole cache masked by position: the static-shape path under compile)
+        for form in ("causal", "width", "none"):
             cache = StaticKVCache(model.args, 2, 64)
             prefill = 9
             got = []
             for pos in [torch.arange(prefill)] + [torch.tensor([p]) for p in range(prefill, 40)]:
-                mask = causal_mask(pos, int(pos[-1]) + 1) if kv_slice else None  # as wide as the filled part, or none
-                got.append(model(tokens[:, pos], pos, mask=mask, cache=cache))
+                filled = int(pos[-1]) + 1
+                mask = {"causal": causal_mask(pos, filled), "none": None,
+                        "width": torch.ones(filled, dtype=torch.bool) if len(pos) == 1 else causal_mask(pos, filled)}
+                got.append(model(tokens[:, pos], pos, mask=mask[form], cache=cache))
             torch.testing.assert_close(torch.cat(got, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
@@ -161,6 +165,10 @@ def test_grouped_decode_attention_equals_sdpa_with_gqa(n_kv_heads):
     k, v = (torch.randn(2, n_kv_heads, 13, 16, generator=g) for _ in range(2))
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     torch.testing.assert_close(grouped_decode_attention(q, k, v), want, rtol=1e-5, atol=1e-6)
+    mask = torch.rand(2, 1, 1, 13, generator=g) < 0.6
+    mask[..., 0] = True  # every row sees something
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(grouped_decode_attention(q, k, v, mask), want, rtol=1e-5, atol=1e-6)
 
 
 def test_kv_cache_does_not_repeat_kv_heads():

@@ -73,17 +73,25 @@ class StaticKVCache(nn.Module):
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                mask: torch.Tensor | None) -> torch.Tensor:
-        """Write k, v at ``positions``, then attend over the first ``mask.shape[-1]`` cache positions under
-        ``mask``; with no mask, over the whole cache, causally by position (static shapes: CUDA graphs)."""
+        """Write k, v at ``positions``, then attend over the cache. ``mask`` says over what:
+
+        - a boolean [B or 1, 1, S, K] tensor (``causal_mask(positions, K)``): the first K positions, masked;
+        - a 1-D tensor of length K (its values unused): all of the first K positions, unmasked, which is
+          what decoding rows at one shared position K - 1 needs; its length may be a symbolic size when
+          exported, and no mask is applied (a mask costs a compiled one-token step ~10%);
+        - None: the whole cache, causally by position (static shapes, as CUDA graphs need).
+        """
         kv = self.layers[layer]
         kv.write(positions, k, v)
         if mask is None:
             keys, values, mask = kv.k, kv.v, causal_mask(positions, self.length)
         else:
             keys, values = kv.k[:, :, : mask.shape[-1]], kv.v[:, :, : mask.shape[-1]]
+            if mask.dim() == 1:
+                mask = None
         if self.decode_attention is not None and q.shape[2] == 1:
             return self.decode_attention(q, keys, values, mask)
-        return attention(q, keys, values, mask)
+        return attention(q, keys, values, mask, causal=False)
 
     def matches(self, batch: int, length: int, dtype, device) -> bool:
         k = self.layers[0].k

@@ -78,9 +78,9 @@ def clear_cache(model) -> None:
 class _DecodeStep(torch.nn.Module):
     """The model and its cache as one module to compile: tokens [B, 1] at ``positions`` [1] -> logits.
 
-    ``visible`` [K] (all True) is the part of the cache the new tokens see, the K filled positions: a
-    tensor, so that export can keep K symbolic where a Python int would be baked in. None: the whole
-    cache, masked by position (static shapes, as CUDA graphs need).
+    ``visible`` [K] is the part of the cache the new tokens see, the K filled positions (the cache's
+    1-D mask form): a tensor, so that export can keep K symbolic where a Python int would be baked in.
+    None: the whole cache, masked by position (static shapes, as CUDA graphs need).
     """
 
     def __init__(self, model: torch.nn.Module, cache: StaticKVCache):
@@ -88,16 +88,14 @@ class _DecodeStep(torch.nn.Module):
         self.model, self.cache = model, cache
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor | None = None):
-        mask = None if visible is None else visible.view(1, 1, 1, -1)
-        return self.model(tokens, positions, mask=mask, cache=self.cache)
+        return self.model(tokens, positions, mask=visible, cache=self.cache)
 
 
 def decode_step(model, cache: StaticKVCache, compile: bool) -> Step:
     """The one-token decode step over ``cache``: the model itself (eagerly), or compiled."""
     visible = torch.ones(cache.length, dtype=torch.bool, device=model.tok_embeddings.weight.device)
     if not compile or cache.length < 4:  # a cache of under 4 positions leaves nothing worth compiling
-        return lambda tokens, positions, kv_len: model(tokens, positions, mask=visible[:kv_len].view(1, 1, 1, -1),
-                                                       cache=cache)
+        return lambda tokens, positions, kv_len: model(tokens, positions, mask=visible[:kv_len], cache=cache)
     if visible.device.type == "cpu":
         return _cpu_step(model, cache, visible)
     kept = _KEPT[model]

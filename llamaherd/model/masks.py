@@ -11,7 +11,8 @@ which is what makes document masking cheaper than plain causal attention. Elsewh
 dense boolean mask for ``scaled_dot_product_attention``.
 
 With a KV cache, ``causal_mask(positions, kv_len)`` lets each new token see every cache position up to
-its own: the mask's width ``kv_len`` is how many cache positions the attention reads.
+its own: the mask's width ``kv_len`` is how many cache positions the attention reads (see
+``llamaherd.generation.StaticKVCache`` for the other forms a cache may take).
 """
 
 from __future__ import annotations

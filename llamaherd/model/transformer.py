@@ -81,16 +81,18 @@ class KVCache(Protocol):
                mask: torch.Tensor | None) -> torch.Tensor: ...
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, causal: bool = True) -> torch.Tensor:
     """Scaled dot-product attention with grouped KV heads: q [B, H, S, D], k/v [B, H_kv, T, D] -> [B, H, S, D].
 
-    ``mask``: None is causal (S == T); a boolean tensor broadcastable to [B, H, S, T] (True: may
-    attend); or a FlexAttention ``BlockMask`` (packed documents on CUDA).
+    ``mask``: a boolean tensor broadcastable to [B, H, S, T] (True: may attend); a FlexAttention
+    ``BlockMask`` (packed documents on CUDA); or None: causal (S == T), or with ``causal=False``
+    every query sees every key.
     """
     gqa = q.shape[1] != k.shape[1]
     if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask
         return _flex_attention(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                          enable_gqa=gqa)
 
 
 def _flex_attention(compiled: bool):
@@ -184,9 +186,11 @@ class Transformer(nn.Module):
             Default 0..S-1. Packed training rows restart them at each document (``masks.doc_positions``).
         mask: who may attend to whom, built by the caller (``llamaherd.model.masks``). Without a cache:
             None is causal over the S tokens; a boolean [B or 1, 1, S, S] tensor (True: may attend) or a
-            FlexAttention BlockMask (``doc_mask``) keeps packed documents apart. With a cache: a boolean
-            [B or 1, 1, S, K] tensor over the first K cache positions (``causal_mask(positions, K)``),
-            or None for causal by position over the whole cache (static shapes, for CUDA graphs).
+            FlexAttention BlockMask (``doc_mask``) keeps packed documents apart. With a cache, the mask
+            is the cache's to read; ``StaticKVCache`` takes a boolean [B or 1, 1, S, K] tensor over the
+            first K cache positions (``causal_mask(positions, K)``), a 1-D tensor of length K when every
+            new token sees all of the first K positions (decoding rows at one shared position), or None
+            for causal by position over the whole cache (static shapes, for CUDA graphs).
         cache: the caller's KV cache (``KVCache``): every layer writes its keys and values at
             ``positions`` and attends over the cache rather than over the S tokens alone.
         """
