@@ -115,7 +115,7 @@ class Trainer:
         self.eval_data, self.eval_text = eval_data, eval_text
         self.device = next(model.parameters()).device
         self.amp_dtype = autocast_dtype(cfg.train.dtype, self.device)
-        self.optimizer = optimizer or make_optimizer(model, cfg.train)
+        self.optimizer = optimizer if optimizer is not None else make_optimizer(model, cfg.train)
         self.name, self.progress, self.console = name, progress, console
         self.step = 0
         self.resumed_from: Path | None = None  # the checkpoint resume() loaded
@@ -196,6 +196,8 @@ class Trainer:
     def evaluate(self) -> dict:
         """Validation loss: the loss's mean over every unit of the validation batches (``val_loss``),
         and in bits per byte of text when ``eval_text`` is known (``val_bpb``)."""
+        if self.eval_data is None:
+            raise HerdError("evaluate: this Trainer was given no eval_data")
         self.model.eval()
         total, count = 0.0, 0
         for batch in self.eval_data():
