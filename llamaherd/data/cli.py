@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from llamaherd.data.curate.pipeline import available_stages
 from llamaherd.data.pack import DEFAULT_SHARD_TOKENS
 from llamaherd.data.prepare import MAX_CHARS, MIN_CHARS
 from llamaherd.errors import HerdError
@@ -46,6 +47,33 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_inspect)
 
     p = data_sub.add_parser(
+        "curate",
+        help="the curation pipeline: filters, dedup, PII; kept/, removed/ and stats.json",
+        description="Run raw text through curation stages in order and write what they keep and what they remove\n"
+        "(with the stage and reason) as JSONL shards, plus per-stage counts. A pipeline recipe is TOML:\n"
+        "[[stages]] tables, each with a name and its parameters, and an [output] table (compression,\n"
+        "shard_docs). Without a recipe or --stages, every available stage runs with its defaults.\n"
+        "Running the same command again on the same --out resumes where it stopped.",
+        epilog="examples:\n"
+        "  herd data curate --input data/*.jsonl.zst --out curated --stages normalize,gopher_quality,exact_dedup\n"
+        "  herd data curate my-pipeline.toml --input stdlib --out curated gopher_quality.min_doc_words=20 \\\n"
+        "      output.compression=zstd --workers 4",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("recipe", nargs="?", default=None, metavar="RECIPE", help="pipeline recipe (a .toml path)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="stage.param=value or output.key=value, e.g. c4_quality.filter_no_terminal_punct=false")
+    add_input_argument(p, required=True)
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (kept/, removed/, stats.json)")
+    p.add_argument("--stages", default=None, metavar="a,b,c", help="run these stages, in this order, with their "
+                   "defaults (instead of the recipe's); available: " + ", ".join(available_stages()))
+    p.add_argument("--workers", type=int, default=0, help="worker processes (0: one per core)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: a process pool on this machine")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_curate)
+
+    p = data_sub.add_parser(
         "clean",
         help="read raw text, drop empty/short/long/duplicate documents, write JSONL",
         description="Read raw text and write the documents that are not empty, too short, too long or exact "
@@ -58,6 +86,80 @@ def register(sub) -> None:
     p.add_argument("--max-chars", type=int, default=MAX_CHARS, help="drop documents longer than this")
     p.add_argument("--max-docs", type=int, default=None, help="stop after keeping this many documents")
     p.set_defaults(func=cmd_clean)
+
+
+def cmd_curate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from llamaherd.data.curate.pipeline import curate, load_pipeline
+
+    if args.recipe is not None and "=" in args.recipe:  # `herd data curate a.b=1 --input ...`: an override
+        args.overrides.insert(0, args.recipe)
+        args.recipe = None
+    if args.executor == "ray":
+        raise HerdError("--executor ray is not available in this version yet; use --executor local")
+    if args.workers < 0:
+        raise HerdError(f"--workers {args.workers}: expected 0 (one per core) or more")
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages is not None else None
+    pipeline = load_pipeline(args.recipe, stages, args.overrides)
+    console = Console(stderr=True)
+    with _stage_progress(not args.no_progress, console) as progress:
+        stats = curate(pipeline, args.input, args.out, text_field=args.text_field, workers=args.workers,
+                       progress=progress)
+    print_curate_stats(stats, Console())
+    return 0
+
+
+class _stage_progress:
+    """A rich progress bar per segment of stages (units of work = shards), as ``curate`` reports them."""
+
+    def __init__(self, enabled: bool, console):
+        self.bar = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("shards"), TimeElapsedColumn(), console=console)
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.__enter__()
+            return self
+        return None
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def __call__(self, label: str, done: int, total: int | None) -> None:
+        if label not in self.tasks:
+            self.tasks[label] = self.bar.add_task(label, total=total)
+        self.bar.update(self.tasks[label], completed=done, total=total)
+
+
+def print_curate_stats(stats: dict, console) -> None:
+    """The per-stage table of a curation's stats.json."""
+    from rich.table import Table
+
+    table = Table(title="curation", show_lines=False)
+    for column in ("stage", "in", "kept", "removed (by reason)", "MB in", "MB kept", "seconds"):
+        table.add_column(column, justify="left" if column in ("stage", "removed (by reason)") else "right")
+    for s in stats["stages"]:
+        docs, size = s["documents"], s["bytes"]
+        reasons = ", ".join(f"{r} {n:,}" for r, n in docs["removed"].items()) or "-"
+        table.add_row(s["name"], f"{docs['in']:,}", f"{docs['kept']:,}", reasons, f"{size['in'] / 1e6:.2f}",
+                      f"{size['kept'] / 1e6:.2f}", f"{s['seconds']:.1f}")
+    console.print(table)
+    skipped = stats["input"]["skipped"]
+    if skipped["count"]:
+        first = skipped["lines"][0]
+        console.print(f"skipped {skipped['count']:,} malformed input record(s), e.g. {first['error']}",
+                      highlight=False, markup=False, soft_wrap=True)
+    out = stats["output"]
+    console.print(f"kept {out['kept']['documents']:,} of {stats['input']['documents']:,} documents "
+                  f"({out['kept']['bytes'] / 1e6:.2f} MB) in {out['shards']} shard(s); {stats['seconds']:.1f} s",
+                  highlight=False)
 
 
 def cmd_clean(args: argparse.Namespace) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -10,3 +10,5 @@ class Document:
     id: str  # unique within its source: a file path, path:line, or the record's own id
     text: str
     source: str  # the file (or stdlib:code / stdlib:prose) it came from
+    # the record's other fields (e.g. "url"), when the reader is asked to keep them
+    meta: dict = field(default_factory=dict, compare=False, hash=False, repr=False)

@@ -18,7 +18,7 @@ import io
 import json
 import os
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from llamaherd.data.document import Document
@@ -77,13 +77,23 @@ def resolve_inputs(inputs: str | Path | Iterable[str | Path]) -> list[str]:
     return resolved
 
 
-def read_documents(inputs: str | Path | Iterable[str | Path], text_field: str = "text") -> Iterator[Document]:
-    """Documents from every input in order. Paths are checked now; file contents as they are read."""
+OnError = Callable[[str, str], None]  # (where: "file:line" or "file", message) for a skipped input
+
+
+def read_documents(inputs: str | Path | Iterable[str | Path], text_field: str = "text", *,
+                   on_error: OnError | None = None, keep_fields: bool = False) -> Iterator[Document]:
+    """Documents from every input in order. Paths are checked now; file contents as they are read.
+
+    A malformed record (invalid UTF-8 or JSON, no text field, a text that is not a string) is an error;
+    with ``on_error``, it is reported there (where, one-line message) and skipped instead, and so is
+    the rest of a file that cannot be read on. ``keep_fields`` keeps a JSONL record's other fields
+    (e.g. ``url``) in ``Document.meta``.
+    """
     files = resolve_inputs(inputs)
-    return _read_all(files, text_field)
+    return _read_all(files, text_field, on_error, keep_fields)
 
 
-def _read_all(files: list[str], text_field: str) -> Iterator[Document]:
+def _read_all(files: list[str], text_field: str, on_error: OnError | None, keep_fields: bool) -> Iterator[Document]:
     n = 0
     for item in files:
         if item in STDLIB_SPLITS:
@@ -91,12 +101,19 @@ def _read_all(files: list[str], text_field: str) -> Iterator[Document]:
 
             docs = stdlib_documents(STDLIB_SPLITS[item])
         else:
-            docs = _read_file(item, text_field)
+            docs = _read_file(item, text_field, on_error, keep_fields)
         for doc in docs:
             n += 1
             yield doc
     if n == 0:
         raise HerdError(f"no documents in {', '.join(files)}")
+
+
+def _skip(e: HerdError, where: str, on_error: OnError | None) -> None:
+    """Report a malformed input to ``on_error`` (then the caller skips it), or raise it without one."""
+    if on_error is None:
+        raise e
+    on_error(where, str(e))
 
 
 def _need(module: str, path: str):
@@ -108,7 +125,8 @@ def _need(module: str, path: str):
         raise HerdError(f"{path}: reading this file needs the {package} package (pip install {package})") from None
 
 
-def _read_file(path: str, text_field: str) -> Iterator[Document]:
+def _read_file(path: str, text_field: str, on_error: OnError | None = None,
+               keep_fields: bool = False) -> Iterator[Document]:
     fmt, compression = file_format(path)
     broken: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error)  # raised while reading
     if compression == ".zst":
@@ -121,18 +139,23 @@ def _read_file(path: str, text_field: str) -> Iterator[Document]:
         if compression == ".gz":
             f = gzip.open(path, "rb")
         elif compression == ".zst":
-            f = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
+            # every frame: a file written in pieces (e.g. concatenated shards) holds several
+            reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True)
+            f = io.BufferedReader(reader)
         else:
             f = open(path, "rb")
         with f:
             if fmt == "txt":
-                yield Document(id=path, text=_utf8(f.read(), path), source=path)
+                try:
+                    yield Document(id=path, text=_utf8(f.read(), path), source=path)
+                except HerdError as e:
+                    _skip(e, path, on_error)
             elif fmt == "jsonl":
-                yield from _read_jsonl(f, path, text_field)
+                yield from _read_jsonl(f, path, text_field, on_error, keep_fields)
             else:  # Parquet needs a seekable file
-                yield from _read_parquet(io.BytesIO(f.read()) if compression else f, path, text_field)
+                yield from _read_parquet(io.BytesIO(f.read()) if compression else f, path, text_field, on_error)
     except broken as e:
-        raise HerdError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+        _skip(HerdError(f"{path}: cannot read ({type(e).__name__}: {e})"), path, on_error)
 
 
 def _utf8(data: bytes, where: str) -> str:
@@ -142,28 +165,37 @@ def _utf8(data: bytes, where: str) -> str:
         raise HerdError(f"{where}: invalid UTF-8 at byte {e.start}; expected UTF-8 text") from None
 
 
-def _read_jsonl(f, path: str, text_field: str) -> Iterator[Document]:
+def _read_jsonl(f, path: str, text_field: str, on_error: OnError | None = None,
+                keep_fields: bool = False) -> Iterator[Document]:
     for lineno, line in enumerate(f, 1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
         try:
-            obj = json.loads(_utf8(line, where))
-        except ValueError as e:
-            raise HerdError(f"{where}: invalid JSON ({e}); expected one JSON object per line") from None
-        if not isinstance(obj, dict):
-            raise HerdError(f"{where}: a JSON {type(obj).__name__}; expected an object with a {text_field!r} field")
-        if text_field not in obj:
-            has = ", ".join(map(repr, list(obj)[:8])) or "none"
-            raise HerdError(f"{where}: no {text_field!r} field (fields: {has}); expected the text there (--text-field)")
-        text = obj[text_field]
-        if not isinstance(text, str):
-            raise HerdError(f"{where}: field {text_field!r} is a {type(text).__name__}; expected a string")
-        doc_id = obj.get("id")
-        yield Document(id=str(doc_id) if isinstance(doc_id, (str, int)) else where, text=text, source=path)
+            yield _jsonl_document(line, where, path, text_field, keep_fields)
+        except HerdError as e:
+            _skip(e, where, on_error)
 
 
-def _read_parquet(f, path: str, text_field: str) -> Iterator[Document]:
+def _jsonl_document(line: bytes, where: str, path: str, text_field: str, keep_fields: bool) -> Document:
+    try:
+        obj = json.loads(_utf8(line, where))
+    except ValueError as e:
+        raise HerdError(f"{where}: invalid JSON ({e}); expected one JSON object per line") from None
+    if not isinstance(obj, dict):
+        raise HerdError(f"{where}: a JSON {type(obj).__name__}; expected an object with a {text_field!r} field")
+    if text_field not in obj:
+        has = ", ".join(map(repr, list(obj)[:8])) or "none"
+        raise HerdError(f"{where}: no {text_field!r} field (fields: {has}); expected the text there (--text-field)")
+    text = obj[text_field]
+    if not isinstance(text, str):
+        raise HerdError(f"{where}: field {text_field!r} is a {type(text).__name__}; expected a string")
+    doc_id = obj.get("id")
+    meta = {k: v for k, v in obj.items() if k not in (text_field, "id")} if keep_fields else {}
+    return Document(id=str(doc_id) if isinstance(doc_id, (str, int)) else where, text=text, source=path, meta=meta)
+
+
+def _read_parquet(f, path: str, text_field: str, on_error: OnError | None = None) -> Iterator[Document]:
     import pyarrow
     import pyarrow.parquet as pq
 
@@ -181,7 +213,9 @@ def _read_parquet(f, path: str, text_field: str) -> Iterator[Document]:
         ids = batch.column("id").to_pylist() if "id" in columns else [None] * len(texts)
         for text, doc_id in zip(texts, ids, strict=True):
             if text is None:
-                raise HerdError(f"{path}: row {row}: {text_field!r} is null; expected a string")
-            yield Document(id=str(doc_id) if doc_id is not None else f"{path}:{row}", text=text, source=path)
+                _skip(HerdError(f"{path}: row {row}: {text_field!r} is null; expected a string"), f"{path}:{row}",
+                      on_error)
+            else:
+                yield Document(id=str(doc_id) if doc_id is not None else f"{path}:{row}", text=text, source=path)
             row += 1
 
