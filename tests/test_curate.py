@@ -324,3 +324,18 @@ def test_stages_pickle_for_worker_processes():
     assert [s.name for s in pickle.loads(pickle.dumps(pipeline)).stages] == STAGES
     with pytest.raises(HerdError, match="still to come"):
         load_pipeline(stages=["mix"])
+
+
+def test_stats_command_writes_a_report_with_plots(capsys, tmp_path):
+    records = corpus(150, seed=5)
+    src, stats = run(tmp_path, records)
+    assert main(["data", "stats", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    report = (tmp_path / "out" / "report.md").read_text()
+    for s in stats["stages"]:
+        assert s["name"] in out
+        assert f"| {s['name']} | {s['documents']['in']:,} | {s['documents']['kept']:,} |" in report
+    for png in ("removals.png", "lengths.png"):
+        assert (tmp_path / "out" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in report
+    code = main(["data", "stats", str(tmp_path)])
+    assert code == 2 and "not a finished curation" in capsys.readouterr().err

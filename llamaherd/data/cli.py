@@ -74,6 +74,17 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_curate)
 
     p = data_sub.add_parser(
+        "stats",
+        help="a curation's per-stage table, and DIR/report.md with plots",
+        description="Print the per-stage table of a finished curation (herd data curate) and write DIR/report.md "
+        "with plots: removal reasons per stage, document lengths before and after, language shares and domain "
+        "mix when stages recorded them (plots need matplotlib).",
+        formatter_class=_FMT,
+    )
+    p.add_argument("dir", metavar="DIR", help="the --out directory of herd data curate")
+    p.set_defaults(func=cmd_stats)
+
+    p = data_sub.add_parser(
         "clean",
         help="read raw text, drop empty/short/long/duplicate documents, write JSONL",
         description="Read raw text and write the documents that are not empty, too short, too long or exact "
@@ -160,6 +171,16 @@ def print_curate_stats(stats: dict, console) -> None:
     console.print(f"kept {out['kept']['documents']:,} of {stats['input']['documents']:,} documents "
                   f"({out['kept']['bytes'] / 1e6:.2f} MB) in {out['shards']} shard(s); {stats['seconds']:.1f} s",
                   highlight=False)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from llamaherd.data.curate.report import load_stats, write_report
+
+    print_curate_stats(load_stats(args.dir), Console())
+    print(f"wrote {write_report(args.dir)}")
+    return 0
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
