@@ -85,6 +85,43 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_stats)
 
     p = data_sub.add_parser(
+        "annotate",
+        help="label documents with an LLM judge (for the quality and domain classifiers)",
+        description="Ask an LLM, a checkpoint llamaherd loads or an OpenAI-compatible endpoint, to label each "
+        "document with a stored prompt, and write the labelled documents as JSONL {id, source, text, label, "
+        "answer}. Shipped prompts: edu_quality (a 0-5 educational score) and domain (code, math, prose, "
+        "other_language); any prompt TOML works.",
+        epilog="examples: herd data annotate --judge runs/tiny --prompt edu_quality --input docs.jsonl "
+        "--out labels.jsonl; herd data annotate --judge http://localhost:8000/v1 --prompt domain ...",
+        formatter_class=_FMT,
+    )
+    p.add_argument("--judge", required=True, metavar="CKPT_OR_URL",
+                   help="a checkpoint (any layout llamaherd loads) or an OpenAI-compatible base URL (.../v1)")
+    p.add_argument("--judge-model", default=None, help="the endpoint's model name (default: its first model)")
+    p.add_argument("--prompt", required=True, help="a shipped prompt (edu_quality, domain) or a prompt .toml file")
+    add_input_argument(p, required=True)
+    p.add_argument("--out", required=True, metavar="FILE", help="labels JSONL to write (replaced atomically)")
+    p.add_argument("--max-docs", type=int, default=None, help="label at most this many documents")
+    p.add_argument("--device", default=None, help="for a checkpoint judge: cpu, cuda, ... (default: cuda if any)")
+    p.set_defaults(func=cmd_annotate)
+
+    p = data_sub.add_parser(
+        "train-classifier",
+        help="train a fast n-gram classifier on labels (for the quality and domain stages)",
+        description="Train a hashed word 1-2-gram TF-IDF linear model with scikit-learn on labelled documents "
+        "(herd data annotate's output): a regression when the labels are numbers (quality scores), a logistic "
+        "classification otherwise (domains). Reports held-out accuracy and AUC, then refits on everything.",
+        formatter_class=_FMT,
+    )
+    p.add_argument("--labels", required=True, metavar="FILE", help="labelled JSONL (text and label fields)")
+    p.add_argument("--out", required=True, metavar="DIR", help="classifier directory to write")
+    p.add_argument("--label-field", default="label", help="the JSONL field holding the label")
+    p.add_argument("--cut", type=float, default=3.0, help="for scores: the AUC tells scores >= cut from the rest")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="held out to measure the classifier")
+    p.add_argument("--seed", type=int, default=0, help="seeds the held-out split")
+    p.set_defaults(func=cmd_train_classifier)
+
+    p = data_sub.add_parser(
         "clean",
         help="read raw text, drop empty/short/long/duplicate documents, write JSONL",
         description="Read raw text and write the documents that are not empty, too short, too long or exact "
@@ -180,6 +217,38 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     print_curate_stats(load_stats(args.dir), Console())
     print(f"wrote {write_report(args.dir)}")
+    return 0
+
+
+def cmd_annotate(args: argparse.Namespace) -> int:
+    from llamaherd.data.curate.annotate import annotate, load_prompt
+    from llamaherd.data.sources import read_documents
+    from llamaherd.eval.judge import make_judge
+
+    if args.max_docs is not None and args.max_docs < 1:
+        raise HerdError(f"--max-docs {args.max_docs}: expected a number >= 1")
+    prompt = load_prompt(args.prompt)
+    docs = read_documents(args.input, text_field=args.text_field)
+    judge = make_judge(args.judge, model=args.judge_model, max_tokens=prompt.max_tokens, device=args.device)
+    result = annotate(docs, judge, prompt, args.out, max_docs=args.max_docs)
+    labels = ", ".join(f"{k} {v:,}" for k, v in result["labels"].items()) or "none"
+    print(f"wrote {args.out}: {result['labelled']:,} of {result['asked']:,} documents labelled ({labels})")
+    if result["unparsed"]:
+        print(f"{result['unparsed']:,} replies had no label, e.g. {result['unparsed_examples'][0]!r}")
+    return 0
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> int:
+    from llamaherd.data.curate.classifier import read_labels, train_classifier
+
+    if not 0 < args.test_fraction < 1:
+        raise HerdError(f"--test-fraction {args.test_fraction}: expected a fraction between 0 and 1")
+    texts, labels = read_labels(args.labels, label_field=args.label_field)
+    info = train_classifier(texts, labels, args.out, cut=args.cut, test_fraction=args.test_fraction, seed=args.seed)
+    m = info["metrics"]
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in m.items() if isinstance(v, float))
+    print(f"wrote {args.out}: {info['kind']} on {info['examples']:,} examples, labels {', '.join(info['labels'])}; "
+          f"held out {m['held_out']:,}: {shown}")
     return 0
 
 

@@ -10,9 +10,11 @@
 
 A *document stage* sees one record at a time and may change its ``text`` (``normalize``, ``pii``) or
 add to its ``meta`` (``language``: language and score); it returns the reason to remove the record,
-or None to keep it. Stages run shard by shard in worker processes, so a stage object must pickle (a
-dataclass of plain values does; build anything heavy in ``__post_init__`` or lazily). A recipe sets
-parameters by field name (``gopher_quality.min_doc_words=100``).
+or None to keep it. A stage that is faster on many records at once (a classifier) may also define
+``batch(records) -> [reason or None, ...]``, which the pipeline then calls with a whole shard.
+Stages run shard by shard in worker processes, so a stage object must pickle (a dataclass of plain
+values does; build anything heavy lazily, where it is used). A recipe sets parameters by field name
+(``gopher_quality.min_doc_words=100``).
 """
 
 from __future__ import annotations

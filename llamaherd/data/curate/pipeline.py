@@ -364,7 +364,8 @@ def run_unit(pipeline: Pipeline, out: Path, seg: int, shard: int, records: list[
         tally = _Tally()
         sizes = [_nbytes(r.text) for r in records]
         start = time.perf_counter()
-        outcomes = [(stage(r), None) for r in records]
+        reasons = stage.batch(records) if hasattr(stage, "batch") else [stage(r) for r in records]
+        outcomes = [(reason, None) for reason in reasons]
         records = _route(stage.name, records, outcomes, removed, tally, sizes)
         tally.seconds = time.perf_counter() - start
         tallies.append((stage.name, tally))
