@@ -339,3 +339,34 @@ def test_stats_command_writes_a_report_with_plots(capsys, tmp_path):
         assert (tmp_path / "out" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in report
     code = main(["data", "stats", str(tmp_path)])
     assert code == 2 and "not a finished curation" in capsys.readouterr().err
+
+
+SENTENCES = {
+    "en": "The committee will meet again next week to discuss the new budget and the school building plans.",
+    "de": "Der Ausschuss wird sich nächste Woche wieder treffen, um den neuen Haushalt zu besprechen.",
+    "fr": "Le comité se réunira de nouveau la semaine prochaine pour discuter du nouveau budget de l'école.",
+    "es": "El comité se reunirá de nuevo la próxima semana para discutir el nuevo presupuesto escolar.",
+    "ru": "Комитет снова соберётся на следующей неделе, чтобы обсудить новый бюджет и планы школы.",
+    "zh": "委员会将在下周再次开会，讨论新的预算和学校建设计划。",
+    "ja": "委員会は来週再び会合を開き、新しい予算と学校の建設計画について話し合います。",
+}
+
+
+def test_language_is_identified_recorded_and_filtered(tmp_path):
+    from llamaherd.data.curate.language import Language
+
+    for lang, text in SENTENCES.items():
+        r = Record(lang, text, "s")
+        assert Language(label_only=True)(r) is None
+        assert r.meta["language"] == lang and r.meta["language_score"] > 0.8, (lang, r.meta)
+    assert Language(languages=["en"])(Record("1", SENTENCES["de"], "s")) == "language_not_kept"
+    assert Language(languages=["en", "de"])(Record("2", SENTENCES["de"], "s")) is None
+    code = Record("3", "x = f(y)[0]; z += 1", "s")
+    assert Language()(code) == "language_low_score" and code.meta["language_score"] < 0.65
+    records = [{"id": lang, "text": text} for lang, text in SENTENCES.items()]
+    _, stats = run(tmp_path, records, stages=["language"], overrides=['language.languages=["en", "fr"]'])
+    assert stats["stages"][0]["documents"] == {"in": 7, "kept": 2, "removed": {"language_not_kept": 5}}
+    kept = shard_records(tmp_path / "out" / "kept")
+    assert [(r["id"], r["meta"]["language"]) for r in kept] == [("en", "en"), ("fr", "fr")]
+    with pytest.raises(HerdError, match="language_threshold"):
+        Language(language_threshold=2.0)
