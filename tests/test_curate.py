@@ -370,3 +370,62 @@ def test_language_is_identified_recorded_and_filtered(tmp_path):
     assert [(r["id"], r["meta"]["language"]) for r in kept] == [("en", "en"), ("fr", "fr")]
     with pytest.raises(HerdError, match="language_threshold"):
         Language(language_threshold=2.0)
+
+
+def mixed_sources(tmp_path: Path) -> list[Path]:
+    """Three sources of 40, 100 and 300 documents."""
+    paths = []
+    for name, n in (("a", 40), ("b", 100), ("c", 300)):
+        paths.append(write_jsonl(tmp_path / f"{name}.jsonl", [{"id": f"{name}{i}", "text": f"{name} text {i}"}
+                                                               for i in range(n)]))
+    return paths
+
+
+def mix_run(tmp_path: Path, out: str, *overrides: str) -> tuple[dict, list[dict]]:
+    pipeline = load_pipeline(stages=["mix"], overrides=["mix.by=source", "output.shard_docs=64", *overrides])
+    stats = curate(pipeline, mixed_sources(tmp_path), tmp_path / out, workers=2)
+    return stats, shard_records(tmp_path / out / "kept")
+
+
+def test_mix_reaches_the_target_shares_by_down_and_up_sampling(tmp_path):
+    a, b, c = (str(tmp_path / f"{n}.jsonl") for n in "abc")
+    weights = json.dumps({a: 0.2, b: 0.3, c: 0.5})
+    # no total: the largest output that repeats nothing (a's 40 documents are its 20%: 200 in all)
+    stats, kept = mix_run(tmp_path, "down", f"mix.weights={weights}")
+    by_source = Counter(r["source"] for r in kept)
+    assert by_source == {a: 40, b: 60, c: 100} and len({r["id"] for r in kept}) == 200
+    summary = stats["stages"][0]["summary"]
+    assert summary["total"] == 200 and summary["groups"][c] == {"available": 300, "target_share": 0.5,
+                                                                "output": 100, "achieved_share": 0.5}
+    assert stats["stages"][0]["documents"]["removed"] == {"mix_downsampled": 240}
+    # a total beyond what a has: its documents repeat, each 3 or 4 times, copies side by side
+    stats, kept = mix_run(tmp_path, "up", f"mix.weights={weights}", "mix.total=700")
+    by_source = Counter(r["source"] for r in kept)
+    assert by_source == {a: 140, b: 210, c: 350}
+    repeats = Counter(r["id"] for r in kept if r["source"] == a)
+    assert set(repeats.values()) == {3, 4} and len(repeats) == 40
+    ids = [r["id"] for r in kept]
+    assert all(ids[i] == ids[i - 1] for i in range(1, len(ids)) if ids[i] in ids[:i])  # copies are adjacent
+    docs = stats["stages"][0]["documents"]
+    assert docs["added_copies"] == 700 - docs["kept"] and stats["output"]["kept"]["documents"] == 700
+    assert docs["in"] == docs["kept"] + sum(docs["removed"].values()) == 440
+    # deterministic from the seed; another seed samples others
+    _, again = mix_run(tmp_path, "again", f"mix.weights={weights}")
+    _, other = mix_run(tmp_path, "other", f"mix.weights={weights}", "mix.seed=1")
+    assert [r["id"] for r in again] == [r["id"] for r in shard_records(tmp_path / "down" / "kept")]
+    assert {r["id"] for r in other} != {r["id"] for r in again}
+    # a source not named is removed as unlisted
+    stats, kept = mix_run(tmp_path, "unlisted", f"mix.weights={json.dumps({b: 1, c: 1})}")
+    assert stats["stages"][0]["documents"]["removed"]["mix_unlisted"] == 40 and len(kept) == 200
+
+
+def test_mix_errors(capsys, tmp_path):
+    with pytest.raises(HerdError, match="mix.weights: name the groups"):
+        load_pipeline(stages=["mix"])
+    with pytest.raises(HerdError, match="non-negative numbers"):
+        load_pipeline(stages=["mix"], overrides=['mix.weights={"x": -1}'])
+    src = write_jsonl(tmp_path / "in.jsonl", corpus(20))
+    code = main(["data", "curate", "--input", str(src), "--out", str(tmp_path / "o"), "--stages", "mix",
+                 'mix.weights={"code": 1}', "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "mix: no document in group(s) code (by domain); groups found: unknown" in err

@@ -288,12 +288,13 @@ class _Tally:
     kept: int = 0
     kept_bytes: int = 0
     bytes_out: int = 0  # of the kept records after the stage (stages may change the text)
+    added: int = 0  # extra copies of kept records (mix's up-sampling), which the next stage reads too
     removed: dict = field(default_factory=dict)
     removed_bytes: dict = field(default_factory=dict)
     seconds: float = 0.0
 
     def add(self, other: "_Tally") -> None:
-        for f in ("docs_in", "bytes_in", "kept", "kept_bytes", "bytes_out", "seconds"):
+        for f in ("docs_in", "bytes_in", "kept", "kept_bytes", "bytes_out", "added", "seconds"):
             setattr(self, f, getattr(self, f) + getattr(other, f))
         for reason, n in other.removed.items():
             self.removed[reason] = self.removed.get(reason, 0) + n
@@ -301,8 +302,10 @@ class _Tally:
 
     def as_dict(self, name: str) -> dict:
         order = sorted(self.removed)
-        return {"name": name,
-                "documents": {"in": self.docs_in, "kept": self.kept, "removed": {r: self.removed[r] for r in order}},
+        documents = {"in": self.docs_in, "kept": self.kept, "removed": {r: self.removed[r] for r in order}}
+        if self.added:
+            documents["added_copies"] = self.added
+        return {"name": name, "documents": documents,
                 "bytes": {"in": self.bytes_in, "kept": self.kept_bytes, "removed": {r: self.removed_bytes[r]
                                                                                    for r in order},
                           "kept_after": self.bytes_out},
@@ -316,16 +319,19 @@ def _nbytes(text: str) -> int:
 def _route(name: str, records: list[Record], outcomes, removed: list[dict], tally: _Tally,
            sizes: list[int]) -> list[Record]:
     """Split ``records`` by ``outcomes`` ((reason or None, extra) per record) into the survivors
-    (returned) and ``removed`` (appended), counting into ``tally``; ``sizes`` are the input sizes."""
+    (returned) and ``removed`` (appended), counting into ``tally``; ``sizes`` are the input sizes. A kept
+    record whose extra says ``{"copies": k}`` is kept k times in a row."""
     kept = []
     for record, (reason, extra), size in zip(records, outcomes, sizes, strict=True):
         tally.docs_in += 1
         tally.bytes_in += size
         if reason is None:
-            kept.append(record)
+            copies = (extra or {}).get("copies", 1)
+            kept += [record] * copies
             tally.kept += 1
+            tally.added += copies - 1
             tally.kept_bytes += size
-            tally.bytes_out += _nbytes(record.text)
+            tally.bytes_out += _nbytes(record.text) * copies
         else:
             removed.append({**record.to_dict(), "stage": name, "reason": reason, **(extra or {})})
             tally.removed[reason] = tally.removed.get(reason, 0) + 1
@@ -508,7 +514,8 @@ def _plan(stage, out: Path, seg: int, n_shards: int) -> None:
     decisions = stage.plan([_load(here / f"scan_{shard:05d}.pkl") for shard in range(n_shards)])
     for shard, decision in enumerate(decisions):
         _dump(here / f"decision_{shard:05d}.pkl", decision)
-    _dump(marker, {"seconds": time.perf_counter() - start}, as_json=True)
+    # a stage may say what its plan achieved (mix: the proportions), for stats.json
+    _dump(marker, {"seconds": time.perf_counter() - start, "summary": getattr(stage, "summary", None)}, as_json=True)
 
 
 def _prepare(out: Path, described: dict) -> None:
@@ -536,6 +543,7 @@ def _prepare(out: Path, described: dict) -> None:
 def _finish(pipeline: Pipeline, out: Path, segments, n_shards: int, read: dict, seconds: float) -> dict:
     """removed/ shards (each unit's removals, in stage order, as one file) and stats.json."""
     tallies = {s.name: _Tally() for s in pipeline.stages}
+    summaries = {}
     for seg in range(len(segments)):
         here = _unit_dir(out, seg)
         for shard in range(n_shards):
@@ -545,7 +553,10 @@ def _finish(pipeline: Pipeline, out: Path, segments, n_shards: int, read: dict, 
             if segments[seg][1] is not None:
                 tallies[segments[seg][1].name].seconds += unit["scan_seconds"]
         if segments[seg][1] is not None:
-            tallies[segments[seg][1].name].seconds += json.loads((here / "plan.json").read_text())["seconds"]
+            plan = json.loads((here / "plan.json").read_text())
+            tallies[segments[seg][1].name].seconds += plan["seconds"]
+            if plan.get("summary") is not None:
+                summaries[segments[seg][1].name] = plan["summary"]
     kept_docs = kept_bytes = removed_docs = removed_bytes = 0
     for shard in range(n_shards):
         name = _shard_name(shard, pipeline.compression)
@@ -555,14 +566,15 @@ def _finish(pipeline: Pipeline, out: Path, segments, n_shards: int, read: dict, 
                 with open(_unit_dir(out, seg) / f"removed_{shard:05d}", "rb") as part:
                     shutil.copyfileobj(part, f)
         os.replace(tmp, out / "removed" / name)
-    stages = [tallies[s.name].as_dict(s.name) for s in pipeline.stages]
+    stages = [{**tallies[s.name].as_dict(s.name), **({"summary": summaries[s.name]} if s.name in summaries else {})}
+              for s in pipeline.stages]
     for s in pipeline.stages:
         t = tallies[s.name]
         removed_docs += sum(t.removed.values())
         removed_bytes += sum(t.removed_bytes.values())
     if pipeline.stages:
         last = tallies[pipeline.stages[-1].name]
-        kept_docs, kept_bytes = last.kept, last.bytes_out
+        kept_docs, kept_bytes = last.kept + last.added, last.bytes_out
     else:
         kept_docs, kept_bytes = read["documents"], read["bytes"]
     stats = {"input": {"documents": read["documents"], "bytes": read["bytes"],
