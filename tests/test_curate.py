@@ -429,3 +429,15 @@ def test_mix_errors(capsys, tmp_path):
                  'mix.weights={"code": 1}', "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "mix: no document in group(s) code (by domain); groups found: unknown" in err
+
+
+@pytest.mark.slow
+def test_the_ray_executor_gives_byte_identical_output(tmp_path):
+    """The same pipeline as Ray tasks on a local Ray (loopback) and in the local process pool."""
+    src = write_jsonl(tmp_path / "in.jsonl", corpus(1500, seed=6), {7: "{bad"})
+    args = ["data", "curate", "--input", str(src), "--stages", ",".join(STAGES + ["minhash_dedup"]),
+            "--workers", "2", "--no-progress", "output.shard_docs=100", "output.compression=gzip"]
+    assert main([*args, "--out", str(tmp_path / "local")]) == 0
+    assert main([*args, "--out", str(tmp_path / "ray"), "--executor", "ray"]) == 0
+    assert snapshot(tmp_path / "ray") == snapshot(tmp_path / "local")
+    assert len(list((tmp_path / "ray" / "kept").iterdir())) == 15

@@ -69,7 +69,9 @@ def register(sub) -> None:
                    "defaults (instead of the recipe's); available: " + ", ".join(available_stages()))
     p.add_argument("--workers", type=int, default=0, help="worker processes (0: one per core)")
     p.add_argument("--executor", choices=["local", "ray"], default="local",
-                   help="local: a process pool on this machine")
+                   help="local: a process pool on this machine; ray: Ray tasks (a local Ray, or --ray-address)")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="a Ray cluster to run on (its nodes must share the --out directory's filesystem)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_curate)
 
@@ -144,8 +146,6 @@ def cmd_curate(args: argparse.Namespace) -> int:
     if args.recipe is not None and "=" in args.recipe:  # `herd data curate a.b=1 --input ...`: an override
         args.overrides.insert(0, args.recipe)
         args.recipe = None
-    if args.executor == "ray":
-        raise HerdError("--executor ray is not available in this version yet; use --executor local")
     if args.workers < 0:
         raise HerdError(f"--workers {args.workers}: expected 0 (one per core) or more")
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages is not None else None
@@ -153,7 +153,7 @@ def cmd_curate(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     with _stage_progress(not args.no_progress, console) as progress:
         stats = curate(pipeline, args.input, args.out, text_field=args.text_field, workers=args.workers,
-                       progress=progress)
+                       executor=args.executor, ray_address=args.ray_address, progress=progress)
     print_curate_stats(stats, Console())
     return 0
 

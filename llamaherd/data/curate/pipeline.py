@@ -399,6 +399,35 @@ def _first_unit(pipeline: Pipeline, out: Path, shard: int, docs: list[Record]) -
 
 # --- the whole run ---------------------------------------------------------------------------------------
 
+class _RayExecutor(Executor):
+    """Units of work as Ray tasks: a local Ray (``ray.init()``) or a cluster at ``address``. Tasks write their
+    files under the output directory as local workers do, so on a cluster it must be on a shared
+    filesystem; the output is byte-identical to the local executor's."""
+
+    def __init__(self, address: str | None, workers: int):
+        try:
+            import ray
+        except ImportError:
+            raise HerdError("--executor ray needs Ray (pip install 'llamaherd[ray]')") from None
+        self.ray, self.started = ray, not ray.is_initialized()
+        if self.started:
+            try:
+                ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False,
+                         log_to_driver=False, configure_logging=False)
+            except Exception as e:  # a cluster that cannot be reached, for one
+                raise HerdError(f"Ray: cannot start or join {address or 'a local Ray'} "
+                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        self.tasks: dict = {}
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        task = self.tasks.setdefault(fn, self.ray.remote(fn))
+        return task.remote(*args, **kwargs).future()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        if self.started:
+            self.ray.shutdown()
+
+
 class _Inline(Executor):
     """Runs each submitted call at once, in this process (one worker: no pool to start)."""
 
@@ -423,13 +452,18 @@ def _chunks(docs: Iterable, size: int) -> Iterator[list]:
 
 
 def curate(pipeline: Pipeline, inputs, out_dir: str | os.PathLike, *, text_field: str = "text", workers: int = 0,
+           executor: str = "local", ray_address: str | None = None,
            progress: Callable[[str, int, int | None], None] | None = None) -> dict:
     """Run ``pipeline`` on ``inputs`` (what ``read_documents`` reads) into ``out_dir``; returns stats.json's
-    content. ``workers`` processes (0: one per core; 1: in this process). ``progress(segment, done, total)``
-    hears about every finished unit. Running it again on the same ``out_dir`` resumes."""
+    content. ``executor`` "local": ``workers`` processes (0: one per core; 1: in this process); "ray":
+    Ray tasks (a local Ray with ``workers`` CPUs, or the cluster at ``ray_address``).
+    ``progress(segment, done, total)`` hears about every finished unit. Running it again on the same
+    ``out_dir`` resumes."""
     from llamaherd.data.sources import read_documents, resolve_inputs
 
     out = Path(out_dir)
+    if executor not in ("local", "ray"):
+        raise HerdError(f"executor {executor!r}: expected local or ray")
     files = resolve_inputs(inputs)  # a wrong path is an error before anything is written
     described = {**pipeline.describe(), "inputs": files, "text_field": text_field}
     _prepare(out, described)
@@ -447,7 +481,10 @@ def curate(pipeline: Pipeline, inputs, out_dir: str | os.PathLike, *, text_field
     def on_error(where: str, message: str) -> None:
         skipped.append({"where": where, "error": message})
 
-    pool: Executor = _Inline() if workers == 1 else ProcessPoolExecutor(workers)
+    if executor == "ray":
+        pool: Executor = _RayExecutor(ray_address, workers)
+    else:
+        pool = _Inline() if workers == 1 else ProcessPoolExecutor(workers)
     with pool:
         # segment 0 on the input, read in order and cut into shards as it is read
         input_file = out / WORK / "input.json"
