@@ -441,3 +441,15 @@ def test_the_ray_executor_gives_byte_identical_output(tmp_path):
     assert main([*args, "--out", str(tmp_path / "ray"), "--executor", "ray"]) == 0
     assert snapshot(tmp_path / "ray") == snapshot(tmp_path / "local")
     assert len(list((tmp_path / "ray" / "kept").iterdir())) == 15
+
+
+def test_curated_output_can_be_curated_again_keeping_its_annotations(tmp_path):
+    records = [{"id": f"d{i}", "text": SENTENCES[lang], "url": f"https://x/{i}"}
+               for i, lang in enumerate(["en", "de", "en", "fr"])]
+    run(tmp_path, records, name="first", stages=["language"], overrides=["language.label_only=true"])
+    pipeline = load_pipeline(stages=["exact_dedup"])
+    curate(pipeline, [tmp_path / "first" / "kept"], tmp_path / "second", workers=1)
+    kept = shard_records(tmp_path / "second" / "kept")
+    assert [(r["id"], r["meta"]["language"], r["meta"]["url"]) for r in kept] == [
+        ("d0", "en", "https://x/0"), ("d1", "de", "https://x/1"), ("d3", "fr", "https://x/3")]
+    assert all(r["meta"]["source"].endswith("first.jsonl") for r in kept)  # where it came from first

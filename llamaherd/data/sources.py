@@ -191,7 +191,10 @@ def _jsonl_document(line: bytes, where: str, path: str, text_field: str, keep_fi
     if not isinstance(text, str):
         raise HerdError(f"{where}: field {text_field!r} is a {type(text).__name__}; expected a string")
     doc_id = obj.get("id")
-    meta = {k: v for k, v in obj.items() if k not in (text_field, "id")} if keep_fields else {}
+    meta = {}
+    if keep_fields:  # a record curated before brings its annotations in "meta": they stay annotations
+        meta = {**(obj["meta"] if isinstance(obj.get("meta"), dict) else {}),
+                **{k: v for k, v in obj.items() if k not in (text_field, "id", "meta")}}
     return Document(id=str(doc_id) if isinstance(doc_id, (str, int)) else where, text=text, source=path, meta=meta)
 
 
