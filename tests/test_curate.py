@@ -1,6 +1,7 @@
 """The curation pipeline: accounting, exact dedups, resuming after SIGKILL, outputs, bad input."""
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -186,9 +187,21 @@ def snapshot(out: Path) -> dict:
     return files
 
 
-def herd(*args) -> subprocess.Popen:
+def herd(*args, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "llamaherd", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+
+
+def processes_with(marker: str) -> list[int]:
+    """Processes whose environment holds ``marker`` (a run's own, inherited by every process it starts)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker.encode() in (proc / "environ").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            pass
+    return found
 
 
 @pytest.mark.slow
@@ -202,7 +215,8 @@ def test_sigkill_then_rerun_gives_byte_identical_output(tmp_path, kill_in_segmen
     assert proc.wait(timeout=600) == 0, proc.stderr.read()
 
     out = tmp_path / "killed"
-    proc = herd(*args, "--out", out)
+    marker = f"CURATE_TEST_RUN={os.getpid()}-{kill_in_segment}-{time.time()}"
+    proc = herd(*args, "--out", out, env=dict([marker.split("=", 1)]))
     marker_dir = out / ".work" / f"seg{kill_in_segment}"
     deadline = time.time() + 300
     while not (marker_dir.is_dir() and any(p.name.startswith("done_") for p in marker_dir.iterdir())):
@@ -211,6 +225,10 @@ def test_sigkill_then_rerun_gives_byte_identical_output(tmp_path, kill_in_segmen
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert not (out / "stats.json").exists(), "the run finished before the kill"
+    deadline = time.time() + 15  # its worker processes end on their own soon after
+    while processes_with(marker) and time.time() < deadline:
+        time.sleep(0.2)
+    assert processes_with(marker) == []
     finished_units = [p for p in (out / ".work").rglob("done_*.json")]
     assert finished_units
     proc = herd(*args, "--out", out)
@@ -323,7 +341,7 @@ def test_stages_pickle_for_worker_processes():
     pipeline = load_pipeline(stages=STAGES)
     assert [s.name for s in pickle.loads(pickle.dumps(pipeline)).stages] == STAGES
     with pytest.raises(HerdError, match="still to come"):
-        load_pipeline(stages=["mix"])
+        load_pipeline(stages=["nsfw"])
 
 
 def test_stats_command_writes_a_report_with_plots(capsys, tmp_path):

@@ -26,6 +26,7 @@ import gzip
 import importlib
 import io
 import json
+import multiprocessing as mp
 import os
 import pickle
 import shutil
@@ -399,6 +400,24 @@ def _first_unit(pipeline: Pipeline, out: Path, shard: int, docs: list[Record]) -
 
 # --- the whole run ---------------------------------------------------------------------------------------
 
+def _end_with(pid: int) -> None:
+    """In a worker: exit when process ``pid`` (the run's main process) is gone, e.g. killed with SIGKILL,
+    rather than wait forever for work that will never come."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:  # alive, under another user
+                pass
+
+    threading.Thread(target=watch, daemon=True, name="end-with-main").start()
+
+
 class _RayExecutor(Executor):
     """Units of work as Ray tasks: a local Ray (``ray.init()``) or a cluster at ``address``. Tasks write their
     files under the output directory as local workers do, so on a cluster it must be on a shared
@@ -484,7 +503,10 @@ def curate(pipeline: Pipeline, inputs, out_dir: str | os.PathLike, *, text_field
     if executor == "ray":
         pool: Executor = _RayExecutor(ray_address, workers)
     else:
-        pool = _Inline() if workers == 1 else ProcessPoolExecutor(workers)
+        # forkserver: workers forked from a fresh interpreter, never from this process, whose threads (torch's
+        # OpenMP pool, for one) a forked child could deadlock on; each ends soon after this process does
+        pool = _Inline() if workers == 1 else ProcessPoolExecutor(
+            workers, mp_context=mp.get_context("forkserver"), initializer=_end_with, initargs=(os.getpid(),))
     with pool:
         # segment 0 on the input, read in order and cut into shards as it is read
         input_file = out / WORK / "input.json"
