@@ -95,7 +95,6 @@ class GopherRepetition:
                 return f"top_{n}_gram"
         if self.dup_n_grams and grams.any_repeated(n for n, _ in self.dup_n_grams):
             for n, frac in self.dup_n_grams:
-                # stop counting one character past the limit: the ratio is then surely over it
-                if grams.repeated_chars(n, stop_above=frac * size + 1) / size > frac:
+                if grams.repeated_over(n, frac, size):
                     return f"duplicated_{n}_n_grams"
         return None

@@ -389,6 +389,8 @@ class _Rules:
     def merged(self, words: list[str]) -> list[str]:
         """Apply the special cases that span several words of a chunk: longest first, then leftmost,
         never two that share a word."""
+        if self.merge_first.isdisjoint(words):
+            return words
         found = [(i, i + k) for i, w in enumerate(words) if w in self.merge_first
                  for k in self.merge_lengths if i + k <= len(words) and tuple(words[i:i + k]) in self.merge]
         if not found:
@@ -422,13 +424,14 @@ def split_chunk(chunk: str) -> tuple[str, ...]:
         return special[chunk]
     if chunk.isalpha() or chunk.isdecimal():  # no rule cuts a run of letters, or of digits
         return (chunk,)
-    last = chunk[-1]
+    first, last = chunk[0], chunk[-1]
     if (last in ",;:!?" or (last == "." and "a" <= chunk[-2:-1] <= "z")) and chunk[:-1].isalpha():
         # a word and a punctuation mark that is always cut (a period after a lowercase letter is)
-        head = special.get(chunk[:-1], (chunk[:-1],))
-        if (head[-1], last) not in _rules.merge:
-            return (*head, last)
-    words = _rules.split(chunk)
+        words = [*special.get(chunk[:-1], (chunk[:-1],)), last]
+    elif first in "([\"'" and chunk[1:].isalpha():  # an opening mark and a word
+        words = [first, *special.get(chunk[1:], (chunk[1:],))]
+    else:
+        words = _rules.split(chunk)
     return tuple(_rules.merged(words) if len(words) > 1 else words)
 
 
@@ -450,12 +453,23 @@ def _word_stats(chunk: str) -> tuple[int, int, int, int]:
     ws = chunk_words[chunk]
     if len(ws) == 1 and chunk.isalpha():
         return 1, 1, len(chunk), 1
-    non_symbol = [w for w in ws if not PUNCTUATION_SET.issuperset(w)]
-    return len(ws), len(non_symbol), sum(map(len, non_symbol)), sum(1 for w in ws if any(c.isalpha() for c in w))
+    n_kept = kept_chars = n_alpha = 0
+    for w in ws:
+        if w.isalpha():
+            n_kept += 1
+            kept_chars += len(w)
+            n_alpha += 1
+        else:
+            if not PUNCTUATION_SET.issuperset(w):
+                n_kept += 1
+                kept_chars += len(w)
+            if any(map(str.isalpha, w)):
+                n_alpha += 1
+    return len(ws), n_kept, kept_chars, n_alpha
+
 
 
 chunk_words = _Cache(split_chunk)  # chunk -> its words
-chunk_cuts = _Cache(lambda chunk: tuple(accumulate(map(len, chunk_words[chunk][:-1]))))  # where its words part
 chunk_word_count = _Cache(lambda chunk: len(chunk_words[chunk]))
 # chunk -> (words, words with a character outside PUNCTUATION_SET, their characters, words with a letter)
 chunk_stats = _Cache(_word_stats)
@@ -463,7 +477,7 @@ chunk_stats = _Cache(_word_stats)
 
 def clear_caches() -> None:
     """Forget every chunk seen so far (to time the filters on text they meet for the first time)."""
-    for cache in (chunk_words, chunk_cuts, chunk_word_count, chunk_stats):
+    for cache in (chunk_words, chunk_word_count, chunk_stats):
         cache.clear()
 
 
@@ -573,17 +587,10 @@ class NGrams:
 
     def __init__(self, text: str):
         chunks = text.split()
-        # word bounds: every chunk's start, and the cuts inside the chunks of several words
-        bounds = np.zeros(len(chunks) + 1, dtype=np.int64)
-        np.cumsum(np.fromiter(map(len, chunks), dtype=np.int64, count=len(chunks)), out=bounds[1:])
-        cuts = list(map(chunk_cuts.__getitem__, chunks))
-        n_cuts = np.fromiter(map(len, cuts), dtype=np.int64, count=len(cuts))
-        if n_cuts.any():
-            inner = np.fromiter(chain.from_iterable(cuts), dtype=np.int64)
-            at = np.repeat(np.arange(1, len(chunks) + 1), n_cuts)
-            bounds = np.insert(bounds, at, bounds[at - 1] + inner)
-        self.cum = bounds
-        self.n_words = len(bounds) - 1
+        lengths = np.fromiter(map(len, chain.from_iterable(map(chunk_words.__getitem__, chunks))), dtype=np.int64)
+        self.n_words = len(lengths)
+        self.cum = np.zeros(self.n_words + 1, dtype=np.int64)  # where each word starts in "".join(chunks)
+        np.cumsum(lengths, out=self.cum[1:])
         flat = "".join(chunks).encode("utf-32-le", "surrogatepass")
         codes = np.frombuffer(flat, dtype=np.uint32).astype(np.uint64) + np.uint64(1)
         n = len(codes)
@@ -652,8 +659,25 @@ class NGrams:
             counts = np.diff(np.append(starts, len(keys)))
             top = int(counts.max())
             tops = ordered[starts[counts == top]]
-            i = int(np.argmax(keys == tops[0])) if len(tops) == 1 else int(np.flatnonzero(np.isin(keys, tops))[0])
+            if len(tops) <= 4:
+                i = min(int(np.argmax(keys == t)) for t in tops)
+            else:
+                i = int(np.flatnonzero(np.isin(keys, tops))[0])
         return (int(self.cum[i + n] - self.cum[i]) + n - 1) * top
+
+    def repeated_over(self, n: int, fraction: float, size: int) -> bool:
+        """``repeated_chars(n) / size > fraction``, computed no further than needed: first against an
+        upper bound, every repeat of every n-gram counted (the scan counts some of them)."""
+        if self.n_words - n + 1 <= 1:
+            return 0 / size > fraction
+        # (length, 48 bits of hash) in one integer: equal strings, equal lengths; a collision of the 48
+        # bits (about one chance in 10**8 for 3,000 words) only raises the bound
+        packed = np.sort((self.chars(n).astype(np.uint64) << np.uint64(48)) | (self.string_keys(n) >> np.uint64(16)))
+        bound = int((packed[1:][packed[1:] == packed[:-1]] >> np.uint64(48)).sum())
+        if not bound / size > fraction:
+            return False
+        # stop counting one character past the limit: the ratio is then surely over it
+        return self.repeated_chars(n, stop_above=fraction * size + 1) / size > fraction
 
     def repeated_chars(self, n: int, stop_above: float = float("inf")) -> int:
         """Characters of the n-grams (joined without separator) that repeat one seen before, scanning
@@ -745,6 +769,10 @@ class FewNGrams:
                 seen.add(joined[i])
                 i += 1
         return total
+
+
+    def repeated_over(self, n: int, fraction: float, size: int) -> bool:
+        return self.repeated_chars(n, stop_above=fraction * size + 1) / size > fraction
 
 
 def ngrams(text: str, small: int = 1000) -> NGrams | FewNGrams:
