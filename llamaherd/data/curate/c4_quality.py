@@ -1,6 +1,6 @@
 """``c4_quality``: the line and page rules of C4 (Raffel et al. 2020, "Exploring the Limits of Transfer
-Learning", section 2.2, and its code in tensorflow_datasets ``c4_utils``), with the parameters, defaults,
-rule order and reasons of datatrove's ``C4QualityFilter``."""
+Learning with a Unified Text-to-Text Transformer", section 2.2, and its code in tensorflow_datasets'
+``c4_utils``), with the parameters, defaults, rule order and reasons of datatrove's ``C4QualityFilter``."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""``fineweb_quality``: FineWeb's own line rules (Penedo et al. 2024, "The FineWeb Datasets", section
-3.5), with the parameters, defaults, rule order and reasons of datatrove's ``FineWebQualityFilter``."""
+"""``fineweb_quality``: FineWeb's own line rules (Penedo et al. 2024, "The FineWeb Datasets: Decanting the
+Web for the Finest Text Data at Scale"), with the parameters, defaults, rule order and reasons of
+datatrove's ``FineWebQualityFilter``."""
 
 from __future__ import annotations
 

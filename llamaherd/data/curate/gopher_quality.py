@@ -1,5 +1,6 @@
-"""``gopher_quality``: the quality rules of Gopher (Rae et al. 2021, "Scaling Language Models", appendix
-A.1.1), with the parameters, defaults, rule order and reasons of datatrove's ``GopherQualityFilter``."""
+"""``gopher_quality``: the quality rules of Gopher (Rae et al. 2021, "Scaling Language Models: Methods,
+Analysis & Insights from Training Gopher", appendix A), with the parameters, defaults, rule order and
+reasons of datatrove's ``GopherQualityFilter``."""
 
 from __future__ import annotations
 

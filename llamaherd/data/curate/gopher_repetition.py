@@ -1,6 +1,6 @@
-"""``gopher_repetition``: the repetition rules of Gopher (Rae et al. 2021, "Scaling Language Models",
-appendix A.1.1, table A1), with the parameters, defaults, rule order and reasons of datatrove's
-``GopherRepetitionFilter``."""
+"""``gopher_repetition``: the repetition rules of Gopher (Rae et al. 2021, "Scaling Language Models: Methods,
+Analysis & Insights from Training Gopher", appendix A, table A1), with the parameters, defaults, rule
+order and reasons of datatrove's ``GopherRepetitionFilter``."""
 
 from __future__ import annotations
 
