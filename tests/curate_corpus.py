@@ -1,7 +1,7 @@
 """A mixed, deterministic, offline corpus for the heuristic filters: what tests/test_curate_heuristics.py
 checks against datatrove and benchmarks/cpu_filters.py times. Not a test module (no ``test_`` prefix).
 
-``mixed_corpus()`` gives about 640 documents ``(id, text)``; the id starts with the kind:
+``mixed_corpus()`` gives 674 documents ``(id, text)``; the id starts with the kind:
 
 - ``prose``: docstrings of the Python standard library (the embedded stdlib corpus), as written
   (wrapped lines) and unwrapped (one line a paragraph, the way web pages come out of an extractor);
@@ -10,7 +10,7 @@ checks against datatrove and benchmarks/cpu_filters.py times. Not a test module 
 - ``list``: bullet and numbered lists, shopping lists, link lists, tables of numbers;
 - ``spam``: repeated lines and paragraphs, keyword stuffing, repeated phrases;
 - ``boilerplate``: cookie banners, navigation menus, lorem ipsum, "enable JavaScript", legal footers;
-- ``lang``: sentences in 20 languages and 12 scripts (tests/data/curate_multilingual.txt), one
+- ``lang``: sentences in 23 languages and 12 scripts (tests/data/curate_multilingual.txt), one
   language a document or mixed;
 - ``social``: posts with hashtags, ellipses, emoji and links;
 - ``short`` and ``edge``: a few words, empty and blank texts, punctuation only, huge words, JSON,
