@@ -580,10 +580,12 @@ _M2 = np.uint64(0x8EBC6AF09C88C6E3)
 class NGrams:
     """n-gram statistics of a text's words (``words(text)``), each n-gram reduced to a 64-bit hash.
 
-    The words are never built: they partition the text's non-whitespace characters, so the words are
-    spans of ``"".join(text.split())``, and a prefix sum of ``char * B**-position`` (modulo 2**64)
-    hashes any span in constant time. Two equal hashes are taken for equal strings; for a document of
-    a million words the chance that two different n-grams collide is about one in ten million."""
+    No n-gram string is built: the words partition the text's non-whitespace characters, so an n-gram
+    joined without separator is a span of ``"".join(text.split())``, and a prefix sum of
+    ``char * B**-position`` (modulo 2**64) hashes any span in constant time; an n-gram as a sequence of
+    words is a hash of its words' hashes. Two equal hashes are taken for equal n-grams: over the 9
+    n-gram sizes of a document of a million words, two different n-grams collide with a chance of
+    about one in four million (of a thousand words, one in 10**12)."""
 
     def __init__(self, text: str):
         chunks = text.split()
