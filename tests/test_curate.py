@@ -471,3 +471,13 @@ def test_curated_output_can_be_curated_again_keeping_its_annotations(tmp_path):
     assert [(r["id"], r["meta"]["language"], r["meta"]["url"]) for r in kept] == [
         ("d0", "en", "https://x/0"), ("d1", "de", "https://x/1"), ("d3", "fr", "https://x/3")]
     assert all(r["meta"]["source"].endswith("first.jsonl") for r in kept)  # where it came from first
+
+
+def test_a_list_parameter_can_be_switched_off_from_the_command_line():
+    pipeline = load_pipeline(stages=["gopher_repetition"],
+                             overrides=["gopher_repetition.top_n_grams=null",
+                                        "gopher_repetition.dup_n_grams=[[5, 0.2]]"])
+    stage = pipeline.stages[0]
+    assert stage.top_n_grams == () and stage.dup_n_grams == ((5, 0.2),)
+    # one word a hundred times: no top n-gram rule is left to catch it, the duplicated 5-grams do
+    assert stage(Record("1", "word " * 100, "s")) == "duplicated_5_n_grams"

@@ -58,8 +58,9 @@ class GopherRepetition:
     dup_para_frac: float | None = 0.3
     dup_line_char_frac: float | None = 0.2
     dup_para_char_frac: float | None = 0.2
-    top_n_grams: tuple[tuple[int, float], ...] = ((2, 0.2), (3, 0.18), (4, 0.16))
-    dup_n_grams: tuple[tuple[int, float], ...] = ((5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10))
+    top_n_grams: tuple[tuple[int, float], ...] | None = ((2, 0.2), (3, 0.18), (4, 0.16))
+    dup_n_grams: tuple[tuple[int, float], ...] | None = ((5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11),
+                                                         (10, 0.10))
 
     def __post_init__(self):
         for f in ("dup_line_frac", "dup_para_frac", "dup_line_char_frac", "dup_para_char_frac"):
