@@ -481,3 +481,37 @@ def test_a_list_parameter_can_be_switched_off_from_the_command_line():
     assert stage.top_n_grams == () and stage.dup_n_grams == ((5, 0.2),)
     # one word a hundred times: no top n-gram rule is left to catch it, the duplicated 5-grams do
     assert stage(Record("1", "word " * 100, "s")) == "duplicated_5_n_grams"
+
+
+def test_dup_ngram_coverage_removes_lines_of_repeated_content():
+    from llamaherd.data.curate.dup_ngram_coverage import DupNgramCoverage, duplicated_coverage
+
+    log = " ".join(["ERROR connection to db-7 refused after 30 s, retrying"] * 6)
+    prose = ("The committee met on Tuesday to discuss the budget for the new library, the repairs to the "
+             "bridge over the river and the plans for a summer festival in the park next year.")
+    assert duplicated_coverage(log.split(), 5) > 0.8 and duplicated_coverage(prose.split(), 5) == 0.0
+    assert duplicated_coverage("a b c d e a b c d e".split(), 5) == 0.5  # the second half repeats the first
+    stage = DupNgramCoverage()
+    r = Record("1", f"{prose}\n{log}\nshort line\nshort line", "s")
+    assert stage(r) is None
+    assert r.text == f"{prose}\nshort line\nshort line" and r.meta["dup_ngram_lines_removed"] == 1
+    assert stage(Record("2", log, "s")) == "empty_after_dup_ngram_coverage"
+    kept = Record("3", prose, "s")
+    assert stage(kept) is None and kept.text == prose and "dup_ngram_lines_removed" not in kept.meta
+
+
+def test_token_outlier_removes_documents_made_of_tokens_nobody_else_uses(tmp_path):
+    rng = random.Random(3)
+    records = corpus(200, seed=7)  # ordinary documents share their words
+    blob = lambda: " ".join("".join(rng.choice("0123456789abcdef") for _ in range(24)) for _ in range(40))  # noqa: E731
+    records += [{"id": f"blob{i}", "text": blob()} for i in range(5)]
+    records += [{"id": "half", "text": blob()[: 24 * 15] + " " + " ".join(rng.choices(WORDS, k=60))}]
+    _, stats = run(tmp_path, records, stages=["token_outlier"])
+    removed = {r["id"]: r for r in shard_records(tmp_path / "out" / "removed")}
+    assert set(removed) == {f"blob{i}" for i in range(5)}
+    assert all(r["reason"] == "token_outliers" and r["meta"]["outlier_token_fraction"] > 0.9
+               for r in removed.values())
+    kept = {r["id"]: r for r in shard_records(tmp_path / "out" / "kept")}
+    assert 0.1 < kept["half"]["meta"]["outlier_token_fraction"] < 0.3  # some junk, not enough
+    # ordinary documents keep theirs low (their few unique tokens: the e-mail addresses and numbers planted in some)
+    assert max(r["meta"]["outlier_token_fraction"] for i, r in kept.items() if i != "half") < 0.2
