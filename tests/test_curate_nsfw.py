@@ -48,6 +48,7 @@ def datatrove_filter(tmp_path, monkeypatch):
     return f
 
 
+@pytest.mark.filterwarnings("ignore:The 'registered_domain' property is deprecated:DeprecationWarning")  # datatrove's
 def test_url_filter_makes_datatrove_s_decisions(tmp_path, monkeypatch, urls):
     from datatrove.data import Document
 
