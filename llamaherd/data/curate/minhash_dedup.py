@@ -28,6 +28,7 @@ from typing import ClassVar
 import numpy as np
 
 from llamaherd.data.curate.base import Record
+from llamaherd.data.curate.hashing import Clusters
 from llamaherd.errors import HerdError
 
 _WORD = re.compile(r"\w+")
@@ -147,34 +148,17 @@ class MinhashDedup:
         """Candidates (an equal band) joined into components; all but the first of each are removed."""
         hashes = np.concatenate([h for h, _ in scans]) if scans else np.zeros((0, self.num_buckets), np.uint64)
         ids = [i for _, shard_ids in scans for i in shard_ids]
-        parent = np.arange(len(ids))
-
-        def root(x: int) -> int:
-            while parent[x] != x:
-                parent[x] = parent[parent[x]]
-                x = parent[x]
-            return x
-
+        clusters = Clusters(len(ids))
         for band in range(self.num_buckets):
             order = np.argsort(hashes[:, band], kind="stable")
             values = hashes[order, band]
             starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
             ends = np.r_[starts[1:], len(values)]
             for s, e in zip(starts[ends - starts > 1], ends[ends - starts > 1]):
-                members = order[s:e]
-                keep = min(root(int(m)) for m in members)
-                for m in members:
-                    parent[root(int(m))] = keep
-        decisions, start = [], 0
-        for shard_hashes, _ in scans:
-            mine = {}
-            for i in range(len(shard_hashes)):
-                first = root(start + i)
-                if first != start + i:
-                    mine[i] = ids[first]
-            decisions.append(mine)
-            start += len(shard_hashes)
-        return decisions
+                first = int(order[s])
+                for m in order[s + 1:e]:
+                    clusters.join(first, int(m))
+        return clusters.decisions([len(h) for h, _ in scans], ids)
 
     def apply(self, records: list[Record], decision: dict[int, str]) -> list[tuple[str | None, dict | None]]:
         return [("near_duplicate", {"duplicate_of": decision[i]}) if i in decision else (None, None)

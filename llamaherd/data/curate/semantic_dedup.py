@@ -23,6 +23,7 @@ from typing import ClassVar
 import numpy as np
 
 from llamaherd.data.curate.base import Record
+from llamaherd.data.curate.hashing import Clusters
 from llamaherd.errors import HerdError
 
 EXTRA = "pip install 'llamaherd[semdedup]'"
@@ -76,14 +77,7 @@ class SemanticDedup:
             self.summary = {"skipped": f"the semdedup extra is not installed ({EXTRA})"}
             return [{} for _ in scans]
         vectors = np.concatenate([v for v, _ in scans if v is not None]) if ids else np.zeros((0, 384), np.float32)
-        parent = np.arange(len(ids))
-
-        def root(x: int) -> int:
-            while parent[x] != x:
-                parent[x] = parent[parent[x]]
-                x = parent[x]
-            return x
-
+        clusters = Clusters(len(ids))
         k = min(self.n_clusters, len(ids))
         if k > 1:
             from sklearn.cluster import KMeans
@@ -100,20 +94,9 @@ class SemanticDedup:
             rows, cols = np.nonzero(np.triu(sims >= self.threshold, k=1))
             pairs += len(rows)
             for a, b in zip(members[rows], members[cols]):
-                ra, rb = root(int(a)), root(int(b))
-                if ra != rb:
-                    parent[max(ra, rb)] = min(ra, rb)  # the earlier document is the root
-        decisions, start = [], 0
-        for _, shard_ids in scans:
-            mine = {}
-            for i in range(len(shard_ids)):
-                first = root(start + i)
-                if first != start + i:
-                    mine[i] = ids[first]
-            decisions.append(mine)
-            start += len(shard_ids)
+                clusters.join(int(a), int(b))
         self.summary = {"clusters": k, "pairs_at_threshold": int(pairs)}
-        return decisions
+        return clusters.decisions([len(shard_ids) for _, shard_ids in scans], ids)
 
     def apply(self, records: list[Record], decision: dict[int, str]) -> list[tuple[str | None, dict | None]]:
         return [("semantic_duplicate", {"duplicate_of": decision[i]}) if i in decision else (None, None)
