@@ -318,26 +318,29 @@ def _nbytes(text: str) -> int:
 
 
 def _route(name: str, records: list[Record], outcomes, removed: list[dict], tally: _Tally,
-           sizes: list[int]) -> list[Record]:
-    """Split ``records`` by ``outcomes`` ((reason or None, extra) per record) into the survivors
-    (returned) and ``removed`` (appended), counting into ``tally``; ``sizes`` are the input sizes. A kept
-    record whose extra says ``{"copies": k}`` is kept k times in a row."""
-    kept = []
+           sizes: list[int]) -> tuple[list[Record], list[int]]:
+    """Split ``records`` by ``outcomes`` ((reason or None, extra) per record) into the survivors and
+    ``removed`` (appended), counting into ``tally``; ``sizes`` are the input sizes. Returns the survivors
+    and their sizes after the stage (the next stage's input sizes: each text is measured once per
+    stage). A kept record whose extra says ``{"copies": k}`` is kept k times in a row."""
+    kept, kept_sizes = [], []
     for record, (reason, extra), size in zip(records, outcomes, sizes, strict=True):
         tally.docs_in += 1
         tally.bytes_in += size
         if reason is None:
             copies = (extra or {}).get("copies", 1)
+            after = _nbytes(record.text)
             kept += [record] * copies
+            kept_sizes += [after] * copies
             tally.kept += 1
             tally.added += copies - 1
             tally.kept_bytes += size
-            tally.bytes_out += _nbytes(record.text) * copies
+            tally.bytes_out += after * copies
         else:
             removed.append({**record.to_dict(), "stage": name, "reason": reason, **(extra or {})})
             tally.removed[reason] = tally.removed.get(reason, 0) + 1
             tally.removed_bytes[reason] = tally.removed_bytes.get(reason, 0) + size
-    return kept
+    return kept, kept_sizes
 
 
 def _unit_dir(out: Path, seg: int) -> Path:
@@ -356,6 +359,7 @@ def run_unit(pipeline: Pipeline, out: Path, seg: int, shard: int, records: list[
     here = _unit_dir(out, seg)
     tallies: list[tuple[str, _Tally]] = []
     removed: list[dict] = []
+    sizes = [_nbytes(r.text) for r in records] if records is not None else None
     if seg > 0:
         prev = _unit_dir(out, seg - 1)
         records = [Record.from_dict(r) for r in read_records(prev / f"keep_{shard:05d}.jsonl")]
@@ -364,16 +368,15 @@ def run_unit(pipeline: Pipeline, out: Path, seg: int, shard: int, records: list[
         sizes = [_nbytes(r.text) for r in records]
         start = time.perf_counter()
         outcomes = stage.apply(records, _load(prev / f"decision_{shard:05d}.pkl"))
-        records = _route(stage.name, records, outcomes, removed, tally, sizes)
+        records, sizes = _route(stage.name, records, outcomes, removed, tally, sizes)
         tally.seconds = time.perf_counter() - start
         tallies.append((stage.name, tally))
     for stage in stages:
         tally = _Tally()
-        sizes = [_nbytes(r.text) for r in records]
         start = time.perf_counter()
         reasons = stage.batch(records) if hasattr(stage, "batch") else [stage(r) for r in records]
         outcomes = [(reason, None) for reason in reasons]
-        records = _route(stage.name, records, outcomes, removed, tally, sizes)
+        records, sizes = _route(stage.name, records, outcomes, removed, tally, sizes)
         tally.seconds = time.perf_counter() - start
         tallies.append((stage.name, tally))
     scan_seconds = 0.0
