@@ -37,6 +37,15 @@ class DataConfig:
 
 
 @dataclass
+class CurateConfig:
+    # the curation pipeline `herd run` puts the corpus through before the tokenizer: stage tables as in a
+    # `herd data curate` recipe ([{name = "exact_dedup"}, ...], in order); [] keeps what the length limits keep
+    stages: list = field(default_factory=list)
+    workers: int = 0  # worker processes (0: one per core)
+    shard_docs: int = 128  # documents per unit of work
+
+
+@dataclass
 class TokenizerConfig:
     path: str = ""  # an existing tokenizer.model, "meta" for Meta's 128K file, or "" to train one
     vocab_size: int = 8192  # BPE ranks to train (256 special tokens come on top)
@@ -86,6 +95,7 @@ class RunConfig:
     name: str = "tiny"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -137,6 +147,14 @@ def _set_dotted(obj, dotted: str, raw: str) -> None:
     if parts[0] == "model" and len(parts) >= 2 and parts[1] != "preset":
         # model.n_layers=2 (or model.overrides.n_layers=2) overrides that ModelArgs field
         obj.model.overrides[parts[-1]] = _parse_scalar(raw)
+        return
+    if parts[0] == "curate" and len(parts) == 3:
+        # curate.minhash_dedup.threshold=0.8 sets that parameter of that stage of curate.stages
+        tables = [t for t in obj.curate.stages if isinstance(t, dict) and t.get("name") == parts[1]]
+        if not tables:
+            named = ", ".join(str(t.get("name")) for t in obj.curate.stages if isinstance(t, dict)) or "none"
+            raise HerdError(f"{dotted}: no stage {parts[1]!r} in curate.stages (stages: {named})")
+        tables[0][parts[2]] = _parse_scalar(raw)
         return
     value: dict = raw  # type: ignore[assignment]
     for part in reversed(parts[1:]):

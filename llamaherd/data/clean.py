@@ -56,11 +56,13 @@ def clean_documents(
     max_chars: int = 1_000_000,
     max_docs: int | None = None,
     seen: set[bytes] | None = None,
+    dedup: bool = True,
 ) -> tuple[Iterator[Document], CleanStats]:
     """(kept documents, stats); the stats fill in as the iterator is consumed.
 
     ``seen`` holds dedup keys from elsewhere (e.g. the validation set, so that training keeps no
-    copy of it); it is updated with the keys of the documents kept here.
+    copy of it); it is updated with the keys of the documents kept here. ``dedup=False`` applies the
+    length limits only (what `herd run` does before its curation stages, which dedup).
     """
     stats = CleanStats()
     seen = set() if seen is None else seen
@@ -79,7 +81,7 @@ def clean_documents(
                 reason = "too_short"
             elif len(doc.text) > max_chars:
                 reason = "too_long"
-            else:
+            elif dedup:
                 key = text_key(doc.text)
                 if key in seen:
                     reason = "duplicate"

@@ -142,6 +142,7 @@ def cmd_curate(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from llamaherd.data.curate.pipeline import curate, load_pipeline
+    from llamaherd.data.curate.report import StageProgress
 
     if args.recipe is not None and "=" in args.recipe:  # `herd data curate a.b=1 --input ...`: an override
         args.overrides.insert(0, args.recipe)
@@ -151,39 +152,11 @@ def cmd_curate(args: argparse.Namespace) -> int:
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages is not None else None
     pipeline = load_pipeline(args.recipe, stages, args.overrides)
     console = Console(stderr=True)
-    with _stage_progress(not args.no_progress, console) as progress:
+    with StageProgress(not args.no_progress, console) as progress:
         stats = curate(pipeline, args.input, args.out, text_field=args.text_field, workers=args.workers,
                        executor=args.executor, ray_address=args.ray_address, progress=progress)
     print_curate_stats(stats, Console())
     return 0
-
-
-class _stage_progress:
-    """A rich progress bar per segment of stages (units of work = shards), as ``curate`` reports them."""
-
-    def __init__(self, enabled: bool, console):
-        self.bar = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("shards"), TimeElapsedColumn(), console=console)
-        self.tasks: dict[str, int] = {}
-
-    def __enter__(self):
-        if self.bar is not None:
-            self.bar.__enter__()
-            return self
-        return None
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-
-    def __call__(self, label: str, done: int, total: int | None) -> None:
-        if label not in self.tasks:
-            self.tasks[label] = self.bar.add_task(label, total=total)
-        self.bar.update(self.tasks[label], completed=done, total=total)
 
 
 def print_curate_stats(stats: dict, console) -> None:

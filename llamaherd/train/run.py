@@ -1,11 +1,15 @@
 """The main job, `herd run`: raw text -> a small Llama 3, end to end, in one run directory.
 
-    corpus -> basic cleaning -> BPE tokenizer -> tokenize + pack -> pretrain -> validate -> samples -> report
+    corpus -> curation -> BPE tokenizer -> tokenize + pack -> pretrain -> validate -> samples -> report
 
     runs/NAME/
         config.toml         the resolved recipe (`herd pretrain runs/NAME/config.toml` continues it)
         data_settings.json  what the cached corpus/tokenizer/data were made with (checked on reuse)
-        corpus/             cleaned train.jsonl / val.jsonl and the cleaning counts
+        corpus/             raw.jsonl (validation + training text within the length limits, each record's
+                            split in meta), the curated train.jsonl / val.jsonl, and the counts
+        curation/           `herd data curate`'s output for raw.jsonl with the recipe's curate.stages:
+                            kept/, removed/ (every removed document with its stage and reason), stats.json,
+                            report.md and its plots
         tokenizer.model     the trained BPE (tiktoken format, Llama 3 specials appended)
         data/train, data/val  packed token shards
         checkpoints/        step_NNNNNNN/ (loadable with llamaherd.load("runs/NAME"))
@@ -18,6 +22,7 @@ running the same command again resumes where it stopped.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -48,32 +53,89 @@ def _read_jsonl_texts(path: Path):
 
 
 def stage_corpus(cfg: RunConfig, run_dir: Path) -> dict:
-    """Read, cap and clean the raw text into corpus/{train,val}.jsonl (validation cleaned first, never shared)."""
+    """Read, cap and length-limit the raw text into corpus/raw.jsonl: validation first, then training,
+    each record tagged with its split (what curation reads; without curation stages, the corpus)."""
     from llamaherd.data.clean import clean_documents
-    from llamaherd.data.prepare import write_jsonl
     from llamaherd.data.sources import read_documents
 
     out = run_dir / "corpus"
     stats_file = out / "clean_stats.json"
-    if stats_file.is_file() and (out / "train.jsonl").is_file():
+    if stats_file.is_file() and (out / "raw.jsonl").is_file():
         return json.loads(stats_file.read_text())
     out.mkdir(parents=True, exist_ok=True)
-    seen: set[bytes] = set()
     stats = {}
-    for split, inputs in (("val", cfg.data.val_inputs), ("train", cfg.data.inputs)):
-        if not inputs:
-            continue
-        docs = read_documents(inputs, cfg.data.text_field)
-        if split == "train" and cfg.data.max_bytes:
-            docs = _cap(docs, cfg.data.max_bytes)
-        kept, s = clean_documents(docs, cfg.data.min_chars, cfg.data.max_chars, seen=seen)
-        n = write_jsonl(kept, out / f"{split}.jsonl")
-        if n == 0:
-            raise HerdError(f"data.{'inputs' if split == 'train' else 'val_inputs'}: no document survived "
-                            f"cleaning ({s.read} read, removed: {dict(s.removed) or 'none'}); the corpus is empty")
-        stats[split] = s.as_dict()
+    tmp = out / f".raw.jsonl.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for split, inputs in (("val", cfg.data.val_inputs), ("train", cfg.data.inputs)):
+                if not inputs:
+                    continue
+                docs = read_documents(inputs, cfg.data.text_field)
+                if split == "train" and cfg.data.max_bytes:
+                    docs = _cap(docs, cfg.data.max_bytes)
+                kept, s = clean_documents(docs, cfg.data.min_chars, cfg.data.max_chars, dedup=False)
+                for doc in kept:
+                    record = {"id": f"{split}:{doc.id}", "text": doc.text, "source": doc.source,
+                              "meta": {"split": split}}
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                if s.kept == 0:
+                    key = "inputs" if split == "train" else "val_inputs"
+                    raise HerdError(f"data.{key}: no document is within the length limits ({s.read} read, "
+                                    f"removed: {dict(s.removed) or 'none'}); the corpus is empty")
+                stats[split] = s.as_dict()
+        os.replace(tmp, out / "raw.jsonl")
+    finally:
+        tmp.unlink(missing_ok=True)
     stats_file.write_text(json.dumps(stats, indent=2) + "\n")
     return stats
+
+
+def stage_curate(cfg: RunConfig, run_dir: Path, pipeline, progress: bool, console) -> dict:
+    """Curate corpus/raw.jsonl into curation/ (kept/, removed/, stats.json, report.md), then write what was
+    kept, split by split, to corpus/{train,val}.jsonl; returns each split's documents and bytes read, kept,
+    and removed by reason (length limits and curation stages together: read = kept + removed)."""
+    from llamaherd.data.curate.pipeline import curate, read_records
+    from llamaherd.data.curate.report import StageProgress, write_report
+
+    corpus, cur = run_dir / "corpus", run_dir / "curation"
+    summary_file = corpus / "corpus_stats.json"
+    if summary_file.is_file():
+        return json.loads(summary_file.read_text())
+    clean = json.loads((corpus / "clean_stats.json").read_text())
+    summary = {split: {"read": s["read"], "read_bytes": s["read_bytes"], "kept": 0, "kept_bytes": 0,
+                       "removed": dict(s["removed"])} for split, s in clean.items()}
+    if pipeline is not None:
+        with StageProgress(progress, console) as bar:
+            curate(pipeline, [corpus / "raw.jsonl"], cur, workers=cfg.curate.workers, progress=bar)
+        write_report(cur)
+        kept = (r for path in sorted((cur / "kept").iterdir()) for r in read_records(path))
+        for path in sorted((cur / "removed").iterdir()):
+            for r in read_records(path):
+                removed = summary[r["meta"]["split"]]["removed"]
+                reason = f"{r['stage']}: {r['reason']}"
+                removed[reason] = removed.get(reason, 0) + 1
+    else:
+        kept = read_records(corpus / "raw.jsonl")
+    files = {split: open(corpus / f".{split}.jsonl.tmp-{os.getpid()}", "w", encoding="utf-8") for split in summary}
+    try:
+        for r in kept:
+            split = r["meta"]["split"]  # curated records keep their first source in meta
+            doc = {"id": r["id"], "text": r["text"], "source": r["meta"].get("source", r["source"])}
+            files[split].write(json.dumps(doc, ensure_ascii=False) + "\n")
+            summary[split]["kept"] += 1
+            summary[split]["kept_bytes"] += len(r["text"].encode())
+    finally:
+        for f in files.values():
+            f.close()
+    for split, f in files.items():
+        if summary[split]["kept"] == 0:
+            Path(f.name).unlink()
+            key = "inputs" if split == "train" else "val_inputs"
+            raise HerdError(f"data.{key}: no document survived curation (removed: {summary[split]['removed']}); "
+                            "the corpus is empty")
+        os.replace(f.name, corpus / f"{split}.jsonl")
+    summary_file.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 def _cap(docs, max_bytes: int):
@@ -222,9 +284,23 @@ def write_report(s: RunSummary, cfg: RunConfig) -> Path:
         if c:
             lines.append(f"| {split} | {c['read']:,} | {c['kept']:,} | {c['kept_bytes'] / 1e6:.2f} | "
                          f"{s.data.get(split, {}).get('tokens', 0):,} |")
-    removed = {k: v for split in s.corpus.values() for k, v in split.get("removed", {}).items()}
-    if removed:
-        lines += ["", "Removed by cleaning: " + ", ".join(f"{k} {v:,}" for k, v in removed.items())]
+    removed: dict = {}
+    for c in s.corpus.values():
+        for reason, n in c.get("removed", {}).items():
+            removed[reason] = removed.get(reason, 0) + n
+    if removed:  # the length limits' reasons first, then "stage: reason" of the curation stages
+        lines += ["", "Removed by the length limits (`data.min_chars`, `data.max_chars`) and the curation stages: "
+                  + ", ".join(f"{k} {v:,}" for k, v in sorted(removed.items(), key=lambda kv: ":" in kv[0]))]
+    curation = s.run_dir / "curation"
+    if (curation / "stats.json").is_file():
+        from llamaherd.data.curate.report import load_stats, stats_table
+
+        lines += ["", "## Curation", "", "The stages of `curate.stages`, on validation and training text together "
+                  "(validation first, so a training document that repeats one is the one removed); every removed "
+                  "document is in `curation/removed/` with its stage and reason, more plots in "
+                  "[curation/report.md](curation/report.md).", "", *stats_table(load_stats(curation))]
+        if (curation / "removals.png").is_file():
+            lines += ["", "![documents removed by stage](curation/removals.png)"]
     mbps = s.tokenizer.get("mb_per_s")
     tok_line = f"{s.tokenizer['ranks']:,} BPE ranks + 256 special tokens = {s.tokenizer['n_words']:,} ids"
     if mbps:
@@ -257,6 +333,7 @@ def write_report(s: RunSummary, cfg: RunConfig) -> Path:
 
 # what the cached corpus, tokenizer and packed data depend on: a run directory keeps them
 _DATA_KEYS = {"data": ("inputs", "val_inputs", "text_field", "max_bytes", "min_chars", "max_chars"),
+              "curate": ("stages",),
               "tokenizer": ("path", "vocab_size")}
 
 
@@ -286,6 +363,15 @@ def run(recipe: str | None = None, overrides: list[str] | None = None, out: str 
 
     console = console or Console(stderr=True)
     cfg = load_config(recipe or "tiny", overrides)
+    if cfg.curate.shard_docs < 1:
+        raise HerdError(f"curate.shard_docs {cfg.curate.shard_docs}: expected 1 or more documents per unit of work")
+    pipeline = None
+    if cfg.curate.stages:  # every stage and parameter checked before any work
+        from llamaherd.data.curate.pipeline import pipeline_from_tables
+
+        pipeline = pipeline_from_tables(cfg.curate.stages, {"shard_docs": cfg.curate.shard_docs}, "curate.stages")
+    if cfg.curate.workers < 0:
+        raise HerdError(f"curate.workers {cfg.curate.workers}: expected 0 (one per core) or more")
     run_dir = Path(out or Path("runs") / cfg.name)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -301,7 +387,8 @@ def run(recipe: str | None = None, overrides: list[str] | None = None, out: str 
         summary.stages.append((name, time.perf_counter() - start, ""))
         return result
 
-    summary.corpus = stage("corpus + cleaning", stage_corpus, cfg, run_dir)
+    stage("corpus", stage_corpus, cfg, run_dir)
+    summary.corpus = stage("curation", stage_curate, cfg, run_dir, pipeline, progress, console)
     summary.tokenizer = stage("tokenizer", stage_tokenizer, cfg, run_dir, progress)
     summary.data = stage("tokenize + pack", stage_pack, cfg, run_dir, progress)
     cfg.data.train_dir, cfg.data.val_dir = str(run_dir / "data" / "train"), str(run_dir / "data" / "val")

@@ -150,6 +150,18 @@ def make_stage(name: str, params: dict | None = None, where: str | None = None):
     return cls(**values)
 
 
+def _stage_tables(tables, where: str) -> list[tuple[str, dict]]:
+    """[(stage name, parameters)] from a recipe's stage tables ({"name": ..., param: value, ...})."""
+    if not isinstance(tables, list):
+        raise HerdError(f"{where}: stages must be a list of tables with a name, got {tables!r}")
+    spec = []
+    for i, table in enumerate(tables):
+        if not isinstance(table, dict) or not isinstance(table.get("name"), str):
+            raise HerdError(f"{where}: stages[{i}] needs a name = \"...\"")
+        spec.append((table["name"], {k: v for k, v in table.items() if k != "name"}))
+    return spec
+
+
 def load_pipeline(recipe: str | os.PathLike | None = None, stages: list[str] | None = None,
                   overrides: list[str] | None = None) -> Pipeline:
     """A pipeline from a TOML recipe (``[[stages]]`` tables with a ``name`` and parameters, and an
@@ -169,12 +181,9 @@ def load_pipeline(recipe: str | os.PathLike | None = None, stages: list[str] | N
         unknown = sorted(set(data) - {"stages", "output"})
         if unknown:
             raise HerdError(f"{path}: unknown table(s) {', '.join(unknown)}; expected [[stages]] and [output]")
-        for i, table in enumerate(data.get("stages", [])):
-            if not isinstance(table, dict) or not isinstance(table.get("name"), str):
-                raise HerdError(f"{path}: stages[{i}] needs a name = \"...\"")
-            spec.append((table["name"], {k: v for k, v in table.items() if k != "name"}))
-        output = dict(data.get("output", {}))
         where = str(path)
+        spec = _stage_tables(data.get("stages", []), where)
+        output = dict(data.get("output", {}))
     if stages is not None:
         spec = [(name, {}) for name in stages]
     elif recipe is None:
@@ -194,6 +203,17 @@ def load_pipeline(recipe: str | os.PathLike | None = None, stages: list[str] | N
                             f"({', '.join(name for name, _ in spec) or 'no stages'})")
         for params in matches:
             params[param] = _parse(raw.strip())
+    return build_pipeline(spec, output, where)
+
+
+def pipeline_from_tables(tables: list, output: dict | None = None, where: str = "stages") -> Pipeline:
+    """A pipeline from stage tables as a recipe holds them (``[{"name": "exact_dedup"}, ...]``) and an
+    output table; what `herd run` curates its corpus with (``curate.stages``)."""
+    return build_pipeline(_stage_tables(tables, where), dict(output or {}), where)
+
+
+def build_pipeline(spec: list[tuple[str, dict]], output: dict, where: str) -> Pipeline:
+    """Stages from (name, parameters) pairs and the output settings, every one checked."""
     built = [make_stage(name, params, where) for name, params in spec]
     names = [s.name for s in built]
     if len(set(names)) != len(names):

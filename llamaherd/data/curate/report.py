@@ -57,6 +57,46 @@ def _bar_chart(plt, path: Path, counts: Counter, title: str, xlabel: str) -> Pat
     return path
 
 
+class StageProgress:
+    """A rich progress bar per segment of stages (units of work = shards), as ``curate`` reports them."""
+
+    def __init__(self, enabled: bool, console):
+        self.bar = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("shards"), TimeElapsedColumn(), console=console)
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.__enter__()
+            return self
+        return None
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def __call__(self, label: str, done: int, total: int | None) -> None:
+        if label not in self.tasks:
+            self.tasks[label] = self.bar.add_task(label, total=total)
+        self.bar.update(self.tasks[label], completed=done, total=total)
+
+
+def stats_table(stats: dict) -> list[str]:
+    """stats.json's stages as the lines of a markdown table (documents and bytes in / kept / removed, seconds)."""
+    lines = ["| stage | in | kept | removed (by reason) | MB in | MB kept | seconds |",
+             "|---|---:|---:|---|---:|---:|---:|"]
+    for s in stats["stages"]:
+        docs, size = s["documents"], s["bytes"]
+        reasons = ", ".join(f"{r} {n:,}" for r, n in docs["removed"].items()) or "-"
+        lines.append(f"| {s['name']} | {docs['in']:,} | {docs['kept']:,} | {reasons} | {size['in'] / 1e6:.2f} | "
+                     f"{size['kept'] / 1e6:.2f} | {s['seconds']:.1f} |")
+    return lines
+
+
 def write_report(out_dir: str | Path) -> Path:
     """DIR/report.md (and its plots, with matplotlib) from DIR/stats.json and the kept/ and removed/ shards."""
     out = Path(out_dir)
@@ -74,14 +114,7 @@ def write_report(out_dir: str | Path) -> Path:
     for record in _shards(out, "removed"):
         lengths_all.append(len(record["text"]))
 
-    lines = [f"# Curation of `{out.name}`", "",
-             "| stage | in | kept | removed (by reason) | MB in | MB kept | seconds |",
-             "|---|---:|---:|---|---:|---:|---:|"]
-    for s in stats["stages"]:
-        docs, size = s["documents"], s["bytes"]
-        reasons = ", ".join(f"{r} {n:,}" for r, n in docs["removed"].items()) or "-"
-        lines.append(f"| {s['name']} | {docs['in']:,} | {docs['kept']:,} | {reasons} | {size['in'] / 1e6:.2f} | "
-                     f"{size['kept'] / 1e6:.2f} | {s['seconds']:.1f} |")
+    lines = [f"# Curation of `{out.name}`", "", *stats_table(stats)]
     read, kept = stats["input"], stats["output"]["kept"]
     lines += ["", f"Read {read['documents']:,} documents ({read['bytes'] / 1e6:.2f} MB); kept {kept['documents']:,} "
               f"({kept['bytes'] / 1e6:.2f} MB); {read['skipped']['count']:,} malformed input records skipped."]
