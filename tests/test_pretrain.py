@@ -287,7 +287,7 @@ def test_empty_or_unreadable_corpus_for_the_main_job(capsys, tmp_path):
     short = tmp_path / "short.jsonl"
     short.write_text('{"text": "x"}\n')
     err = run_error(capsys, "tiny", f"data.inputs=[\"{short}\"]", "data.val_inputs=[]", "--out", str(tmp_path / "r2"))
-    assert "no document survived cleaning" in err
+    assert "no document is within the length limits" in err and "the corpus is empty" in err
     err = run_error(capsys, "tiny", f"data.inputs=[\"{tmp_path / 'missing.txt'}\"]", "--out", str(tmp_path / "r3"))
     assert "missing.txt" in err
 
