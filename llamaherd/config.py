@@ -76,6 +76,18 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    # the device mesh [pp, dp_replicate, dp_shard, tp]; the product is the world size (torchrun's processes)
+    dp_shard: int = -1  # FSDP: parameters, gradients and optimizer state sharded over this many ranks (-1: the rest)
+    dp_replicate: int = 1  # HSDP: this many full replicas of the sharded model, gradients all-reduced between them
+    tp: int = 1  # tensor parallel: each block's matrices split over this many ranks (at most the KV heads)
+    pp: int = 1  # pipeline parallel: the layers cut into this many stages
+    pp_schedule: str = "1F1B"  # 1F1B, Interleaved1F1B or GPipe
+    microbatches: int = 0  # pipeline microbatches per step (0: as many as pipeline stages)
+    loss_parallel: bool = True  # with tp: the cross-entropy computed on vocabulary shards, never gathering logits
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 100  # steps between checkpoints (one is also written at the end and on SIGTERM/SIGINT)
     keep: int = 2  # how many of the newest checkpoints to keep
@@ -98,6 +110,7 @@ class RunConfig:
     curate: CurateConfig = field(default_factory=CurateConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 

@@ -166,19 +166,31 @@ def test_mismatched_state_is_refused(ds, tmp_path):
     take(loader, 3)
     state = loader.state_dict()
     for kwargs, key in [
-        (dict(batch_size=3, seq_len=16, seed=1, world_size=2), "batch_size"),
         (dict(batch_size=2, seq_len=17, seed=1, world_size=2), "seq_len"),
         (dict(batch_size=2, seq_len=16, seed=2, world_size=2), "seed"),
-        (dict(batch_size=2, seq_len=16, seed=1, world_size=1), "world_size"),
         (dict(batch_size=2, seq_len=16, seed=1, world_size=2, shuffle=False), "shuffle"),
     ]:
         other = PackedLoader(ds, **kwargs)
         with pytest.raises(HerdError, match=f"loader state has {key}=.* but this loader has {key}="):
             other.load_state_dict(state)
+    for kwargs in (dict(batch_size=3, world_size=2), dict(batch_size=2, world_size=1)):  # other global batches
+        with pytest.raises(HerdError, match=r"global batches of 4 rows \(batch_size 2 x world_size 2\) but this "
+                                            r"loader's have [26]"):
+            PackedLoader(ds, seq_len=16, seed=1, **kwargs).load_state_dict(state)
     with pytest.raises(HerdError, match="loader state has n_docs=90 but this loader has n_docs=10"):
         PackedLoader(make_dataset(tmp_path, 10, 50), 2, 16, seed=1, world_size=2).load_state_dict(state)
     fresh = PackedLoader(ds, 2, 16, seed=1, world_size=2, rank=1)
     fresh.load_state_dict(state)  # the position is global: a state saved by any rank resumes every rank
+    # the same global batches laid out over other ranks: one rank of 4 rows takes up exactly where 2 x 2 left off
+    alone = PackedLoader(ds, 4, 16, seed=1)
+    alone.load_state_dict(state)
+    ranks = [PackedLoader(ds, 2, 16, seed=1, world_size=2, rank=r) for r in range(2)]
+    for r in ranks:
+        r.load_state_dict(state)
+    for _ in range(3):
+        whole, parts = next(alone), [next(r) for r in ranks]
+        assert torch.equal(whole.inputs, torch.cat([p.inputs for p in parts]))
+        assert torch.equal(whole.targets, torch.cat([p.targets for p in parts]))
     with pytest.raises(HerdError, match="missing 'seed'"):
         fresh.load_state_dict({k: v for k, v in state.items() if k != "seed"})
     with pytest.raises(HerdError, match="non-negative integer"):

@@ -55,11 +55,12 @@ def step_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:07d}"
 
 
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer, train_state: dict, keep: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, train_state: dict, keep: int,
+                    params: dict[str, torch.Tensor] | None = None) -> Path:
     """Write step ``step``'s checkpoint atomically, then delete all but the newest ``keep``.
 
     ``train_state`` (anything ``torch.save`` writes) goes to ``train_state.pt``; the model's weights
-    and ``tokenizer`` to the herd layout beside it."""
+    (``params``, whole tensors by name, or the model's own) and ``tokenizer`` to the herd layout beside it."""
     from llamaherd.checkpoint import native
 
     final = step_dir(run_dir, step)
@@ -69,7 +70,10 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, train_state: dic
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
         torch.save(train_state, tmp / STATE)
-        params = {n: p.detach() for n, p in model.named_parameters()}  # a tied weight once
+        if params is None:
+            params = {n: p.detach() for n, p in model.named_parameters()}  # a tied weight once
+        elif model.args.tie_embeddings:
+            params = {n: p for n, p in params.items() if n != "output.weight"}
         native.write(tmp, model.args, params, tokenizer, params["tok_embeddings.weight"].dtype)  # + checksums
         native.publish(tmp, final)
     except OSError as e:

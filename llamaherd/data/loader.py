@@ -17,7 +17,7 @@ and restart RoPE positions at each document.
 With ``world_size`` data-parallel ranks, global batch ``g`` is served rows ``g*W*B .. (g+1)*W*B`` (in
 shuffled order), and rank ``r`` gets rows ``r*B .. (r+1)*B`` of it: ranks never share a row. The
 loader's position is the number of global batches served (``state_dict``), so a resumed run continues
-with exactly the next batch.
+with exactly the next batch, under any number of ranks that keeps the global batch's rows.
 """
 
 from __future__ import annotations
@@ -183,8 +183,15 @@ class PackedLoader:
         for key in ("seed", "shuffle", "batch_size", "seq_len", "world_size", "n_docs", "n_tokens"):
             if key not in state:
                 raise HerdError(f"loader state: missing {key!r}")
+        for key in ("seed", "shuffle", "seq_len", "n_docs", "n_tokens"):
             if state[key] != mine[key]:
                 raise HerdError(f"loader state has {key}={state[key]!r} but this loader has {key}={mine[key]!r}")
+        # the ranks may be laid out otherwise (dp 4 x 2 rows resumed as dp 2 x 4 rows): the global batches
+        # are the same rows as long as each holds as many
+        theirs, ours = state["batch_size"] * state["world_size"], self.batch_size * self.world_size
+        if theirs != ours:
+            raise HerdError(f"loader state has global batches of {theirs} rows (batch_size {state['batch_size']} x "
+                            f"world_size {state['world_size']}) but this loader's have {ours}")
         batches = state.get("batches")
         if not isinstance(batches, int) or batches < 0:
             raise HerdError(f"loader state: 'batches' must be a non-negative integer, got {batches!r}")

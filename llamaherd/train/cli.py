@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 _SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}
 
@@ -20,6 +21,8 @@ def register(sub) -> None:
                    help="a built-in recipe (see `herd recipes`) or a .toml path (default: tiny)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. train.steps=100")
     p.add_argument("--out", default=None, help="run directory (default: runs/<recipe name>)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="pretrain with N processes on this machine (torchrun; laid out by parallel.*)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
 
@@ -27,11 +30,18 @@ def register(sub) -> None:
         "pretrain", help="pretrain (or resume) on packed token data", formatter_class=fmt,
         description="Pretrain a model as a recipe describes, on packed tokens (herd data pack) named by\n"
                     "data.train_dir / data.val_dir. Running the same command on the same --out resumes from the\n"
-                    "newest good checkpoint. SIGTERM / Ctrl-C write a checkpoint and stop.",
-        epilog="example: herd pretrain tiny data.train_dir=packed/train tokenizer.path=tok.model train.steps=30")
+                    "newest good checkpoint. SIGTERM / Ctrl-C write a checkpoint and stop.\n\n"
+                    "Many processes: `torchrun --nproc-per-node N -m llamaherd pretrain RECIPE ...` (any torchrun\n"
+                    "options: nodes, rendezvous, --max-restarts), or --nproc N here, which starts torchrun on this\n"
+                    "machine. parallel.tp, parallel.pp and parallel.dp_replicate lay the ranks out; FSDP shards\n"
+                    "over the rest. train.batch_size counts the rows of all ranks together.",
+        epilog="examples:\n  herd pretrain tiny data.train_dir=packed/train tokenizer.path=tok.model train.steps=30\n"
+               "  herd pretrain tiny --nproc 4 parallel.tp=2 data.train_dir=packed/train tokenizer.path=tok.model")
     p.add_argument("recipe", help="a built-in recipe (see `herd recipes`) or a .toml path")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. checkpoint.every=5")
     p.add_argument("--out", default=None, help="run directory (default: runs/<recipe name>)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="start N processes on this machine under torchrun (default 1: this process)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pretrain)
 
@@ -59,7 +69,7 @@ def cmd_run(args) -> int:
 
     console = Console(stderr=True)
     overrides = _split_overrides(args)
-    summary = run(args.recipe, overrides, args.out, progress=not args.no_progress, console=console)
+    summary = run(args.recipe, overrides, args.out, progress=not args.no_progress, console=console, nproc=args.nproc)
     if summary.train.stopped_by:
         return _SIGNAL_EXIT.get(summary.train.stopped_by, 1)
     print_summary(summary, Console())
@@ -72,15 +82,27 @@ def cmd_pretrain(args) -> int:
     from rich.console import Console
 
     from llamaherd.config import load_config
-    from llamaherd.train.pretrain import pretrain
+    from llamaherd.errors import HerdError
+    from llamaherd.train.pretrain import check_layout, launch, pretrain, read_result
 
     overrides = _split_overrides(args)
     cfg = load_config(args.recipe, overrides)
     out = Path(args.out or Path("runs") / cfg.name)
     console = Console(stderr=True)
-    result = pretrain(cfg, out, progress=not args.no_progress, console=console)
+    if args.nproc != 1 and "WORLD_SIZE" not in os.environ:
+        check_layout(cfg, args.nproc)  # a layout that cannot work is one line here, not N tracebacks there
+        code = launch(args.recipe, overrides, out, args.nproc, progress=not args.no_progress)
+        if code:
+            raise HerdError(f"the {args.nproc} training processes failed (exit status {code}); see their output "
+                            "above. Running the same command resumes from the newest good checkpoint")
+        result = read_result(out)
+        return _SIGNAL_EXIT.get(result.stopped_by, 1) if result.stopped_by else 0  # rank 0 has said how it went
+    else:
+        result = pretrain(cfg, out, progress=not args.no_progress, console=console)
     if result.stopped_by:
         return _SIGNAL_EXIT.get(result.stopped_by, 1)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun, rank 0 says how it went
     msg = f"step {result.step}/{result.steps}: train loss {result.train_loss:.4f}"
     if result.val_loss is not None:
         msg += f", validation {result.val_loss:.4f} nats/token ({result.val_bpb:.4f} bits/byte)"

@@ -24,11 +24,18 @@ class LossOutput:
     loss: torch.Tensor  # the scalar to minimise: a mean over `count` units
     count: torch.Tensor | int  # how many units (predicted tokens, preference pairs) the mean is over
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # more scalars to log, each also a mean
+    total: torch.Tensor | None = None  # the sum over the units, when the loss can say (see below)
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in nats over the targets that are not ignored (-100)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+# A loss that also has ``units(batch)`` (how many units a batch holds, known before the model runs) and
+# returns ``total`` is normalised by the units of the whole step: every micro-batch and every data-parallel
+# rank together, so that a recipe trains the same model at any world size and gradient accumulation.
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy in nats over the targets that are not ignored (-100): their mean, or sum."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction=reduction)
 
 
 class NextTokenLoss:
@@ -43,4 +50,11 @@ class NextTokenLoss:
 
     def __call__(self, model, batch) -> LossOutput:
         logits = model(batch.inputs, doc_positions(batch.doc_ids), mask=doc_mask(batch.doc_ids))
-        return LossOutput(self.cross_entropy(logits, batch.targets), (batch.targets != IGNORE_INDEX).sum())
+        count = self.units(batch)
+        total = self.cross_entropy(logits, batch.targets, "sum")
+        return LossOutput(total / count.clamp(min=1), count, total=total)
+
+    @staticmethod
+    def units(batch) -> torch.Tensor:
+        """The targets a batch holds: its tokens that are not ignored."""
+        return (batch.targets != IGNORE_INDEX).sum()

@@ -1,11 +1,21 @@
 """How a model is built for training, and everything the model itself does not know, applied from outside.
 
-    model = build_model(args, cfg, device)   # meta device -> parallelize -> materialise -> fresh weights
+    model = build_model(args, cfg, device, dist)   # meta device -> parallelize -> materialise -> fresh weights
 
-``parallelize`` applies, in this order: tensor parallel -> activation checkpointing -> compile ->
-FSDP (the middle two so far; the parallelisms plug in here). It runs on the model while it is still
-on the meta device and holds no memory, as torchtitan does, so a model too large for one device can
-be sharded before any weight exists.
+``parallelize`` applies, in this order: tensor parallel -> activation checkpointing -> compile -> FSDP,
+on the model while it is still on the meta device and holds no memory, as torchtitan does, so a model
+too large for one device is sharded before any weight exists. ``dist`` (``train.distributed``) says
+which ranks do what: ``dist.tp_mesh`` for tensor parallelism, ``dist.dp_mesh`` for FSDP (HSDP with
+replicas). Pipeline stages are cut in ``train.pipeline``.
+
+Tensor parallel (Megatron-style, with sequence parallelism, as torchtitan lays out Llama):
+
+    tok_embeddings   rows of the vocabulary per rank; out: the sequence split over ranks
+    attention_norm, ffn_norm, norm    on each rank's part of the sequence
+    wq, wk, wv, w1, w3    column-wise: each rank computes its heads / its share of the hidden units
+    wo, w2                row-wise: partial sums reduce-scattered back onto the split sequence
+    output                column-wise over the vocabulary; with loss parallel the logits stay split and
+                          the cross-entropy runs on the shards (``Distributed.loss_context``)
 """
 
 from __future__ import annotations
@@ -35,26 +45,125 @@ def apply_compile(model) -> None:
         block.compile()
 
 
-def parallelize(model: Transformer, cfg: RunConfig) -> Transformer:
-    """Apply to ``model``, in place, what ``cfg`` asks for (``train.activation_checkpointing``,
-    ``train.compile``); returns it."""
+def apply_tp(model: Transformer, tp_mesh, loss_parallel: bool = True) -> None:
+    """Tensor (and sequence) parallelism over ``tp_mesh``, in place; a tied output keeps its embedding."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    parallelize_module(model, tp_mesh, {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "norm": SequenceParallel(),
+        "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                                  use_local_output=not loss_parallel),
+    })
+    # a block's attention is called with (x, cos, sin, positions, mask, cache): only x is split
+    rest = (None,) * 5
+    for block in model.layers:
+        parallelize_module(block, tp_mesh, {
+            "attention_norm": SequenceParallel(),
+            "attention": PrepareModuleInput(input_layouts=(Shard(1), *rest),
+                                            desired_input_layouts=(Replicate(), *rest)),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+            "ffn_norm": SequenceParallel(),
+            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w3": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+        })
+    if model.args.tie_embeddings:  # both are split by vocabulary rows: one parameter again
+        model.output.weight = model.tok_embeddings.weight
+
+
+def apply_fsdp(model: torch.nn.Module, dp_mesh, param_dtype: torch.dtype | None = None,
+               reduce_dtype: torch.dtype | None = torch.float32) -> None:
+    """FSDP2: each block its own unit (gathered just before it runs, freed after), the rest at the root.
+    ``param_dtype`` bf16 computes in bf16 with float32 master weights and float32 gradient reduction."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    blocks = list(model.layers.values() if isinstance(model.layers, torch.nn.ModuleDict) else model.layers)
+    for i, block in enumerate(blocks):
+        # the last block is gathered again by the backward at once: keep it
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp)
+
+
+def parallelize(model: Transformer, cfg: RunConfig, dist=None) -> Transformer:
+    """Apply to ``model``, in place, what ``cfg`` and the layout of ``dist`` ask for: tensor parallel,
+    activation checkpointing (``train.activation_checkpointing``), compile (``train.compile``), FSDP;
+    returns it."""
+    if dist is not None and dist.tp_mesh is not None:
+        apply_tp(model, dist.tp_mesh, cfg.parallel.loss_parallel)
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.train.compile:
         apply_compile(model)
+    if dist is not None and dist.dp_mesh is not None:
+        from llamaherd.train.distributed import autocast_dtype
+
+        apply_fsdp(model, dist.dp_mesh, param_dtype=autocast_dtype(cfg.train.dtype, dist.device))
     return model
 
 
-def build_model(args: ModelArgs, cfg: RunConfig, device: torch.device) -> Transformer:
+def fresh_weights(args: ModelArgs, seed: int) -> dict[str, torch.Tensor]:
+    """The weights ``init_weights(seed)`` gives a whole model on the CPU: what every layout starts from,
+    so that a run trains the same model at any world size."""
+    with torch.device("cpu"):
+        model = Transformer(args)
+    model.init_weights(seed=seed)
+    return model.state_dict()
+
+
+def is_distributed(model: torch.nn.Module) -> bool:
+    """Whether some parameter of ``model`` is a DTensor (sharded or replicated over a mesh)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def build_model(args: ModelArgs, cfg: RunConfig, device: torch.device, dist=None) -> Transformer:
     """A model to train: built on the meta device, parallelised, materialised on ``device`` with fresh
-    weights drawn from ``cfg.train.seed`` (a resumed run then loads its checkpoint into it)."""
+    weights drawn from ``cfg.train.seed`` (a resumed run then loads its checkpoint into it).
+
+    Alone, the weights are drawn on ``device``. Across ranks, each rank draws the whole model's weights
+    on the CPU and keeps its shards (the same numbers as one CPU process draws; the memory of one whole
+    model per rank while it starts)."""
     torch.manual_seed(cfg.train.seed)
     with torch.device("meta"):
         model = Transformer(args)
-    parallelize(model, cfg)
+    parallelize(model, cfg, dist)
     model.to_empty(device=device)
     if args.tie_embeddings:  # to_empty gives every module its own tensor: tie them again
         model.output.weight = model.tok_embeddings.weight
     model.init_rope(device)
-    model.init_weights(seed=cfg.train.seed)
+    if dist is not None and dist.world > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, fresh_weights(args, cfg.train.seed), options=StateDictOptions(full_state_dict=True))
+    else:
+        model.init_weights(seed=cfg.train.seed)
     return model.train()
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float, dist=None) -> torch.Tensor:
+    """Scale the gradients so that their global 2-norm is at most ``max_norm``; returns the norm before.
+    Sharded gradients (DTensors) count once each, and pipeline stages add theirs up."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    if dist is not None and dist.layout.pp > 1:
+        norm = dist.all_reduce(norm.pow(2), "pp").sqrt()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm

@@ -9,10 +9,13 @@ rank-sharded loader, the validation pass and its bits per byte. The loop is ``Tr
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 from llamaherd.config import RunConfig, dump_config, model_args
 from llamaherd.errors import HerdError
+from llamaherd.train.distributed import Distributed
 from llamaherd.train.losses import NextTokenLoss
 from llamaherd.train.parallel import build_model
 from llamaherd.train.trainer import Trainer, TrainResult, autocast_dtype, check_writable, resolve_device
@@ -56,19 +59,68 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, cons
         raise HerdError(f"train.seq_len {tcfg.seq_len} is longer than the model's max_seq_len {args.max_seq_len}")
     device = resolve_device(tcfg.device)
     autocast_dtype(tcfg.dtype, device)  # a bad train.dtype fails before anything is built
-    check_writable(run_dir)
-    (run_dir / "config.toml").write_text(dump_config(cfg))
+    dist = Distributed.start(cfg, args, device)  # a bad layout fails here too, before any process group
+    try:
+        device = dist.device if dist.world > 1 else device
+        if dist.is_main:
+            check_writable(run_dir)
+            (run_dir / "config.toml").write_text(dump_config(cfg))
+        # train.batch_size rows per micro-batch in all: each data-parallel rank serves its share of them
+        loader = PackedLoader(train_set, tcfg.batch_size // dist.dp_size, tcfg.seq_len, seed=tcfg.seed,
+                              rank=dist.dp_rank, world_size=dist.dp_size)
+        eval_data = eval_text = None
+        if val_set is not None:
+            def eval_data():
+                return iter_eval_batches(val_set, tcfg.batch_size, tcfg.seq_len,
+                                         max_batches=tcfg.eval_batches or None)
 
-    loader = PackedLoader(train_set, tcfg.batch_size, tcfg.seq_len, seed=tcfg.seed)
-    eval_data = eval_text = None
-    if val_set is not None:
-        def eval_data():
-            return iter_eval_batches(val_set, tcfg.batch_size, tcfg.seq_len, max_batches=tcfg.eval_batches or None)
+            # predicted targets: every token but each document's first
+            eval_text = (val_set.n_tokens - val_set.n_docs, dataset_bytes(val_set, tokenizer))
+        trainer = Trainer(build_model(args, cfg, device, dist), NextTokenLoss(compile=tcfg.compile), loader, cfg,
+                          run_dir, tokenizer=tokenizer, eval_data=eval_data, eval_text=eval_text, name="pretrain",
+                          progress=progress, console=console, dist=dist)
+        trainer.resume()
+        result = trainer.fit()
+        if dist.is_main:
+            write_result(result)
+        return result
+    finally:
+        dist.close()
 
-        # predicted targets: every token but each document's first
-        eval_text = (val_set.n_tokens - val_set.n_docs, dataset_bytes(val_set, tokenizer))
-    trainer = Trainer(build_model(args, cfg, device), NextTokenLoss(compile=tcfg.compile), loader, cfg, run_dir,
-                      tokenizer=tokenizer, eval_data=eval_data, eval_text=eval_text, name="pretrain",
-                      progress=progress, console=console)
-    trainer.resume()
-    return trainer.fit()
+
+def write_result(result: TrainResult) -> None:
+    """``run_dir/train_result.json``: what a run ended with (how `herd run` hears of a torchrun it started)."""
+    record = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items()}
+    (result.run_dir / "train_result.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def read_result(run_dir: Path) -> TrainResult:
+    path = Path(run_dir) / "train_result.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise HerdError(f"{path}: the training processes left no result ({e})") from None
+    record["run_dir"] = Path(record["run_dir"])
+    record["checkpoint"] = Path(record["checkpoint"]) if record["checkpoint"] else None
+    return TrainResult(**record)
+
+
+def check_layout(cfg: RunConfig, world: int) -> None:
+    """A one-line error unless ``parallel.*`` can lay ``world`` processes out for this recipe's model."""
+    from llamaherd.train.distributed import plan_layout
+
+    if world < 1:
+        raise HerdError(f"--nproc {world}: expected 1 or more processes")
+    plan_layout(cfg.parallel, world, model_args(cfg), cfg.train.batch_size, cfg.train.seq_len)
+
+
+def launch(recipe: str | Path, overrides: list[str], out: str | Path, nproc: int, progress: bool = True) -> int:
+    """Run ``herd pretrain RECIPE`` as ``nproc`` processes on this machine under torchrun; its exit status."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "llamaherd", "pretrain", str(recipe), *overrides, "--out", str(out)]
+    if not progress:
+        cmd.append("--no-progress")
+    return subprocess.run(cmd).returncode

@@ -353,8 +353,9 @@ def check_same_data(cfg: RunConfig, run_dir: Path) -> None:
 
 
 def run(recipe: str | None = None, overrides: list[str] | None = None, out: str | None = None,
-        progress: bool = True, console=None) -> RunSummary:
-    """Run the whole main job; returns what it did (the report is in ``run_dir/report.md``)."""
+        progress: bool = True, console=None, nproc: int = 1) -> RunSummary:
+    """Run the whole main job; returns what it did (the report is in ``run_dir/report.md``). With
+    ``nproc`` > 1 the pretraining runs as that many processes under torchrun (``parallel.*``)."""
     from rich.console import Console
 
     from llamaherd.data.pack import PackedDataset
@@ -365,6 +366,10 @@ def run(recipe: str | None = None, overrides: list[str] | None = None, out: str 
     cfg = load_config(recipe or "tiny", overrides)
     if cfg.curate.shard_docs < 1:
         raise HerdError(f"curate.shard_docs {cfg.curate.shard_docs}: expected 1 or more documents per unit of work")
+    if nproc != 1:
+        from llamaherd.train.pretrain import check_layout
+
+        check_layout(cfg, nproc)
     pipeline = None
     if cfg.curate.stages:  # every stage and parameter checked before any work
         from llamaherd.data.curate.pipeline import pipeline_from_tables
@@ -395,7 +400,10 @@ def run(recipe: str | None = None, overrides: list[str] | None = None, out: str 
     if "val" not in summary.data:
         cfg.data.val_dir = ""
     cfg.tokenizer.path = str(run_dir / "tokenizer.model")
-    summary.train = stage("pretrain", lambda: pretrain(cfg, run_dir, progress=progress, console=console))
+    if nproc != 1:
+        summary.train = stage("pretrain", _pretrain_processes, cfg, run_dir, nproc, progress)
+    else:
+        summary.train = stage("pretrain", lambda: pretrain(cfg, run_dir, progress=progress, console=console))
     if summary.train.stopped_by:
         return summary
     tok = Tokenizer.from_file(run_dir / "tokenizer.model")
@@ -405,6 +413,20 @@ def run(recipe: str | None = None, overrides: list[str] | None = None, out: str 
     plot_losses(run_dir)
     write_report(summary, cfg)
     return summary
+
+
+def _pretrain_processes(cfg: RunConfig, run_dir: Path, nproc: int, progress: bool):
+    """Pretrain as ``nproc`` torchrun processes on the recipe as resolved (``run_dir/config.toml``)."""
+    from llamaherd.config import dump_config
+    from llamaherd.train.pretrain import launch, read_result
+
+    (run_dir / "config.toml").write_text(dump_config(cfg))
+    (run_dir / "train_result.json").unlink(missing_ok=True)
+    code = launch(run_dir / "config.toml", [], run_dir, nproc, progress)
+    if code:
+        raise HerdError(f"the {nproc} training processes failed (exit status {code}); see their output above. "
+                        "Running the same command resumes from the newest good checkpoint")
+    return read_result(run_dir)
 
 
 def print_summary(s: RunSummary, console) -> None:

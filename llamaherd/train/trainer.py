@@ -33,8 +33,10 @@ from llamaherd.checkpoint import runs
 from llamaherd.config import RunConfig
 from llamaherd.errors import HerdError
 from llamaherd.model.args import flops_per_token
+from llamaherd.train.distributed import Distributed, autocast_dtype, resolve_device  # noqa: F401 (re-exported)
 from llamaherd.train.losses import LossOutput
 from llamaherd.train.metrics import MetricsLog, bits_per_byte, memory_gib, peak_flops
+from llamaherd.train.parallel import clip_grad_norm
 
 
 @dataclass
@@ -61,29 +63,6 @@ def lr_at(step: int, cfg) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise HerdError(f"train.device: {name!r} is not a device (expected auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise HerdError(f"train.device: {name!r} was asked for but no CUDA GPU is available")
-    return device
-
-
-def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None: plain float32). Weights and optimizer state always stay float32."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if name in ("float32", "fp32"):
-        return None
-    if name in ("bfloat16", "bf16"):
-        return torch.bfloat16
-    raise HerdError(f"train.dtype: {name!r} is not supported (expected auto, float32 or bfloat16)")
-
-
 def make_optimizer(model, cfg) -> torch.optim.Optimizer:
     """AdamW; weight decay on matrices only (not on norm weights); the fused kernel on CPU and GPU."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -104,34 +83,51 @@ class Trainer:
     eval_data: a function returning the validation batches, the same ones each time (None: no evaluation).
     eval_text: (tokens predicted, bytes of text) of the whole validation set, to log bits per byte too.
     optimizer: default AdamW as ``cfg.train`` says (``make_optimizer``); ``name`` labels the progress bar.
+    dist: the ranks of a distributed run (``train.distributed.Distributed``); each rank's ``data`` serves its
+        own rows. Rank 0 logs and writes the files; checkpoints hold the whole model, whatever the layout.
     """
 
     def __init__(self, model: torch.nn.Module, loss: Callable[..., LossOutput], data: Iterator, cfg: RunConfig,
                  run_dir: str | Path, *, tokenizer=None, eval_data: Callable[[], Iterable] | None = None,
                  eval_text: tuple[int, int] | None = None, optimizer: torch.optim.Optimizer | None = None,
-                 name: str = "train", progress: bool = True, console=None):
+                 name: str = "train", progress: bool = True, console=None, dist: Distributed | None = None):
         self.model, self.loss, self.data, self.cfg = model, loss, data, cfg
         self.run_dir, self.tokenizer = Path(run_dir), tokenizer
         self.eval_data, self.eval_text = eval_data, eval_text
+        self.dist = dist or Distributed()
         self.device = next(model.parameters()).device
         self.amp_dtype = autocast_dtype(cfg.train.dtype, self.device)
         self.optimizer = optimizer if optimizer is not None else make_optimizer(model, cfg.train)
-        self.name, self.progress, self.console = name, progress, console
+        self.name, self.progress, self.console = name, progress and self.dist.is_main, console
         self.step = 0
         self.resumed_from: Path | None = None  # the checkpoint resume() loaded
-        check_writable(self.run_dir)
+        if self.dist.is_main:
+            check_writable(self.run_dir)
 
     # --- state ---------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Everything that decides the next step: weights, optimizer moments, data position, RNG, step."""
-        return {"step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        """Everything that decides the next step: weights, optimizer moments, data position, RNG, step.
+        Weights and moments are whole (gathered from every rank: call it on every rank), keyed by
+        parameter name, so that any layout can load them."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        whole = _whole(self.dist)
+        return {"step": self.step, "model": get_model_state_dict(self.model, options=whole),
+                "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=whole),
                 "loader": self.data.state_dict(), "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        whole = _whole(self.dist)
+        set_model_state_dict(self.model, state["model"], options=whole)
+        optim = state["optimizer"]
+        if any(isinstance(k, int) for k in optim.get("state", {})):  # written by torch's own state_dict()
+            self.optimizer.load_state_dict(optim)
+        else:
+            set_optimizer_state_dict(self.model, self.optimizer, optim, options=whole)
         self.data.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng_cpu"])
         if self.device.type == "cuda" and state.get("rng_cuda") is not None:
@@ -139,22 +135,28 @@ class Trainer:
         self.step = state["step"]
 
     def save(self) -> Path:
-        """Checkpoint the current step: the weights as a loadable model, the rest in ``train_state.pt``."""
+        """Checkpoint the current step: the weights as a loadable model, the rest in ``train_state.pt``
+        (every rank gathers; rank 0 writes)."""
         state = self.state_dict()
-        del state["model"]  # written as the checkpoint's model files
-        return runs.save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer, state,
-                                    self.cfg.checkpoint.keep)
+        params = state.pop("model")  # written as the checkpoint's model files
+        path = runs.step_dir(self.run_dir, self.step)
+        if self.dist.is_main:
+            path = runs.save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer, state,
+                                        self.cfg.checkpoint.keep, params=params)
+        self.dist.barrier()
+        return path
 
     def resume(self) -> Path | None:
         """Continue from the newest checkpoint in ``run_dir`` whose checksums verify (damaged ones are
-        reported and skipped); returns it, or None when there is none."""
+        reported and skipped); returns it, or None when there is none. Every rank reads it."""
         from llamaherd.checkpoint import load
 
         ckpt = runs.latest_good(self.run_dir, warn=self._log)
         if ckpt is None:
             return None
+        local = not _is_sharded(self.model)
         dtype = next(self.model.parameters()).dtype
-        trained, _ = load(ckpt, device=self.device, dtype=dtype, tokenizer=False)
+        trained, _ = load(ckpt, device=self.device if local else "cpu", dtype=dtype, tokenizer=False)
         if trained.args != self.model.args:
             raise HerdError(f"{ckpt}: was trained with different model settings than this recipe; use another --out")
         state = runs.load_train_state(ckpt)
@@ -168,46 +170,62 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
 
     def train_step(self) -> dict:
-        """One optimizer step over ``grad_accum`` micro-batches; returns its record for metrics.jsonl."""
-        tcfg = self.cfg.train
+        """One optimizer step over ``grad_accum`` micro-batches; returns its record for metrics.jsonl.
+
+        A loss with ``units`` is normalised by the units of the whole step (all micro-batches, all
+        data-parallel ranks); FSDP averages gradients over those ranks, which the scale undoes."""
+        tcfg, dist = self.cfg.train, self.dist
         self.step += 1
         lr = lr_at(self.step, tcfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        batches = [next(self.data) for _ in range(tcfg.grad_accum)]
+        units = getattr(self.loss, "units", None)
+        if units is not None:
+            n = torch.tensor(float(sum(int(units(b)) for b in batches)), dtype=torch.float64, device=self.device)
+            n = max(float(dist.all_reduce(n, "dp")), 1.0)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # summed on the device: one sync
         extra: dict[str, torch.Tensor] = {}
-        for _ in range(tcfg.grad_accum):
-            batch = next(self.data).to(self.device, non_blocking=True)
-            with self._autocast():
+        for batch in batches:
+            batch = batch.to(self.device, non_blocking=True)
+            with self._autocast(), dist.loss_context(self.cfg.parallel.loss_parallel):
                 out = self.loss(self.model, batch)
-            loss = out.loss / tcfg.grad_accum
-            loss.backward()
-            loss_sum += loss.detach()
+                if units is not None and out.total is not None:
+                    loss, share = out.total * (dist.dp_size / n), _plain(out.total).detach() / n
+                else:
+                    loss = out.loss / tcfg.grad_accum
+                    share = _plain(out.loss).detach() / (tcfg.grad_accum * dist.dp_size)
+                loss.backward()
+            loss_sum += share
             for name, value in out.metrics.items():
-                extra[name] = extra.get(name, 0.0) + value.detach().double() / tcfg.grad_accum
-        loss_sum = float(loss_sum)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip))
+                extra[name] = extra.get(name, 0.0) + _plain(value).detach().double() / (tcfg.grad_accum * dist.dp_size)
+        loss_sum = float(dist.all_reduce(loss_sum, "dp"))
+        grad_norm = float(clip_grad_norm(self.model, tcfg.grad_clip, dist))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"step": self.step, "loss": loss_sum, "grad_norm": grad_norm, "lr": lr,
-                **{name: float(value) for name, value in extra.items()}}
+                **{name: float(dist.all_reduce(value, "dp")) for name, value in extra.items()}}
 
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Validation loss: the loss's mean over every unit of the validation batches (``val_loss``),
-        and in bits per byte of text when ``eval_text`` is known (``val_bpb``)."""
+        and in bits per byte of text when ``eval_text`` is known (``val_bpb``). Data-parallel ranks
+        take their share of each batch's rows."""
         if self.eval_data is None:
             raise HerdError("evaluate: this Trainer was given no eval_data")
+        dist = self.dist
         self.model.eval()
-        total, count = 0.0, 0
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss x units, units
         for batch in self.eval_data():
-            with self._autocast():
+            batch, mine = _rows(batch, dist.dp_rank, dist.dp_size)
+            with self._autocast(), dist.loss_context(self.cfg.parallel.loss_parallel):
                 out = self.loss(self.model, batch.to(self.device))
             n = int(out.count)
-            if n:
-                total += float(out.loss) * n
-                count += n
+            if n and mine:
+                sums[0] += float(_plain(out.loss)) * n
+                sums[1] += n
         self.model.train()
+        total, count = dist.all_reduce(sums, "dp").tolist()
         if count == 0:
             raise HerdError("validation set has no tokens to predict")
         val = total / count
@@ -216,6 +234,8 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------------------
 
     def _log(self, message: str) -> None:
+        if not self.dist.is_main:
+            return
         if self.console is None:
             print(message)
         else:
@@ -225,7 +245,8 @@ class Trainer:
         """Train from the current step to ``cfg.train.steps``: log every step, evaluate and checkpoint as
         configured; SIGTERM / SIGINT checkpoint and stop after the current step."""
         tcfg, ccfg, run_dir = self.cfg.train, self.cfg.checkpoint, self.run_dir
-        metrics = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if tcfg.tensorboard else None)
+        metrics = (MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if tcfg.tensorboard else None)
+                   if self.dist.is_main else _NoMetrics())
         start = self.step
         metrics.truncate_after(start)  # records past the checkpoint are redone, bit for bit
         if start >= tcfg.steps:
@@ -262,6 +283,8 @@ class Trainer:
                     val = self.evaluate()
                     metrics.write({"step": step, **val})
                     val_loss, val_bpb = val["val_loss"], val["val_bpb"]
+                if self.dist.world > 1 and self.dist.any(stop.received is not None):
+                    stop.received = stop.received or "SIGTERM"  # another rank was told: every rank stops
                 if stop.received or step == tcfg.steps or (ccfg.every and step % ccfg.every == 0):
                     last_ckpt = self.save()
                 if stop.received:
@@ -283,6 +306,51 @@ class Trainer:
                            val_loss=val_loss, val_bpb=val_bpb, tokens_seen=self.step * tokens_per_step,
                            tokens_per_s=done * tokens_per_step / elapsed if elapsed > 0 and done else 0.0,
                            checkpoint=last_ckpt)
+
+
+def _whole(dist: Distributed):
+    """State-dict options: whole tensors, gathered to the CPU (rank 0's copy is the one written)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=dist.world > 1)
+
+
+def _is_sharded(model) -> bool:
+    from llamaherd.train.parallel import is_distributed
+
+    return is_distributed(model)
+
+
+def _plain(t):
+    """A DTensor (e.g. a loss computed over vocabulary shards) as the plain tensor it stands for."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _rows(batch, rank: int, ranks: int):
+    """(data-parallel rank ``rank``'s share of a batch's rows, whether it counts them). With fewer rows
+    than ranks every rank runs the whole batch (sharded weights need every rank) and rank 0 counts it."""
+    if ranks == 1:
+        return batch, True
+    if batch.inputs.shape[0] < ranks:
+        return batch, rank == 0
+    parts = [t.tensor_split(ranks)[rank] for t in (batch.inputs, batch.targets, batch.doc_ids)]
+    return type(batch)(*parts), True
+
+
+class _NoMetrics:
+    """What ranks other than rank 0 log to: nothing."""
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def read(self) -> list:
+        return []
 
 
 class _StopSignals:
