@@ -219,6 +219,27 @@ class Distributed:
         dist.all_reduce(tensor, op=reduce_op, group=None if group == "world" else group)
         return tensor
 
+    def merge_stages(self, model: dict, optim: dict) -> tuple[dict, dict]:
+        """The whole model's and optimizer's state from each pipeline stage's part (keyed by parameter name),
+        on the CPU of every rank."""
+        import torch.distributed as dist
+
+        cpu = {k: v.cpu() for k, v in model.items()}
+        moments = {k: {n: t.cpu() if isinstance(t, torch.Tensor) else t for n, t in v.items()}
+                   for k, v in optim["state"].items()}
+        parts: list = [None] * self.layout.pp
+        dist.all_gather_object(parts, (cpu, moments, optim["param_groups"]), group=self.mesh["pp"].get_group())
+        whole_model, state, groups = {}, {}, None
+        for part_model, part_state, part_groups in parts:
+            whole_model.update(part_model)
+            state.update(part_state)
+            if groups is None:
+                groups = [{**g, "params": list(g["params"])} for g in part_groups]
+            else:
+                for g, more in zip(groups, part_groups, strict=True):
+                    g["params"] += more["params"]
+        return whole_model, {"state": state, "param_groups": groups}
+
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` holds on some rank (every rank gets the same answer)."""
         if self.mesh is None:

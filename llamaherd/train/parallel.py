@@ -30,18 +30,23 @@ from llamaherd.model.args import ModelArgs
 from llamaherd.model.transformer import Transformer
 
 
+def _blocks(model) -> list:
+    """The transformer blocks of a model or of a pipeline stage (whose layers keep the model's numbers)."""
+    return list(model.layers.values() if isinstance(model.layers, torch.nn.ModuleDict) else model.layers)
+
+
 def apply_activation_checkpointing(model) -> None:
     """Recompute each transformer block's activations in the backward pass instead of storing them.
 
     The blocks' forward methods are wrapped in place, so parameter names (and checkpoints) are unchanged.
     """
-    for block in model.layers:
+    for block in _blocks(model):
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
 def apply_compile(model) -> None:
     """Compile each block separately: the blocks are identical, so one compiled graph serves them all."""
-    for block in model.layers:
+    for block in _blocks(model):
         block.compile()
 
 
@@ -56,15 +61,15 @@ def apply_tp(model: Transformer, tp_mesh, loss_parallel: bool = True) -> None:
         parallelize_module,
     )
 
-    parallelize_module(model, tp_mesh, {
-        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
-        "norm": SequenceParallel(),
-        "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1) if loss_parallel else Replicate(),
-                                  use_local_output=not loss_parallel),
-    })
+    top = {"tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+           "norm": SequenceParallel(),
+           "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                                     use_local_output=not loss_parallel)}
+    # a pipeline stage has only some of them
+    parallelize_module(model, tp_mesh, {name: plan for name, plan in top.items() if getattr(model, name) is not None})
     # a block's attention is called with (x, cos, sin, positions, mask, cache): only x is split
     rest = (None,) * 5
-    for block in model.layers:
+    for block in _blocks(model):
         parallelize_module(block, tp_mesh, {
             "attention_norm": SequenceParallel(),
             "attention": PrepareModuleInput(input_layouts=(Shard(1), *rest),
@@ -90,7 +95,7 @@ def apply_fsdp(model: torch.nn.Module, dp_mesh, param_dtype: torch.dtype | None 
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    blocks = list(model.layers.values() if isinstance(model.layers, torch.nn.ModuleDict) else model.layers)
+    blocks = _blocks(model)
     for i, block in enumerate(blocks):
         # the last block is gathered again by the backward at once: keep it
         fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
@@ -130,25 +135,36 @@ def is_distributed(model: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def build_model(args: ModelArgs, cfg: RunConfig, device: torch.device, dist=None) -> Transformer:
+def build_model(args: ModelArgs, cfg: RunConfig, device: torch.device, dist=None):
     """A model to train: built on the meta device, parallelised, materialised on ``device`` with fresh
     weights drawn from ``cfg.train.seed`` (a resumed run then loads its checkpoint into it).
 
     Alone, the weights are drawn on ``device``. Across ranks, each rank draws the whole model's weights
     on the CPU and keeps its shards (the same numbers as one CPU process draws; the memory of one whole
-    model per rank while it starts)."""
+    model per rank while it starts). With pipeline stages the model is this rank's
+    ``pipeline.Pipelined`` stages."""
     torch.manual_seed(cfg.train.seed)
     with torch.device("meta"):
         model = Transformer(args)
-    parallelize(model, cfg, dist)
-    model.to_empty(device=device)
-    if args.tie_embeddings:  # to_empty gives every module its own tensor: tie them again
-        model.output.weight = model.tok_embeddings.weight
+    if dist is not None and dist.layout.pp > 1:
+        from llamaherd.train.pipeline import Pipelined, split_model
+
+        stages = split_model(model, dist, cfg.parallel.pp_schedule)
+        for stage in stages:
+            parallelize(stage, cfg, dist)
+            stage.to_empty(device=device)
+        model = Pipelined(stages, args, dist, cfg, device)
+    else:
+        parallelize(model, cfg, dist)
+        model.to_empty(device=device)
+        if args.tie_embeddings:  # to_empty gives every module its own tensor: tie them again
+            model.output.weight = model.tok_embeddings.weight
     model.init_rope(device)
     if dist is not None and dist.world > 1:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        set_model_state_dict(model, fresh_weights(args, cfg.train.seed), options=StateDictOptions(full_state_dict=True))
+        set_model_state_dict(model, fresh_weights(args, cfg.train.seed),
+                             options=StateDictOptions(full_state_dict=True, strict=dist.layout.pp == 1))
     else:
         model.init_weights(seed=cfg.train.seed)
     return model.train()

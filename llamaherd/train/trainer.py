@@ -18,6 +18,7 @@ so a run killed at any moment and started again ends bit-identical to one never 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import threading
@@ -113,8 +114,11 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
         whole = _whole(self.dist)
-        return {"step": self.step, "model": get_model_state_dict(self.model, options=whole),
-                "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=whole),
+        model = get_model_state_dict(self.model, options=whole)
+        optim = get_optimizer_state_dict(self.model, self.optimizer, options=whole)
+        if self.dist.layout.pp > 1:  # each pipeline stage has its part: put them together
+            model, optim = self.dist.merge_stages(model, optim)
+        return {"step": self.step, "model": model, "optimizer": optim,
                 "loader": self.data.state_dict(), "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
 
@@ -122,8 +126,12 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
         whole = _whole(self.dist)
-        set_model_state_dict(self.model, state["model"], options=whole)
         optim = state["optimizer"]
+        if self.dist.layout.pp > 1:  # this rank's stages take their part of the whole
+            mine = set(self.model.state_dict())
+            optim = _stage_part(optim, mine)
+            whole = dataclasses.replace(whole, strict=False)
+        set_model_state_dict(self.model, state["model"], options=whole)
         if any(isinstance(k, int) for k in optim.get("state", {})):  # written by torch's own state_dict()
             self.optimizer.load_state_dict(optim)
         else:
@@ -186,8 +194,15 @@ class Trainer:
             n = max(float(dist.all_reduce(n, "dp")), 1.0)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # summed on the device: one sync
         extra: dict[str, torch.Tensor] = {}
+        piped = getattr(self.model, "forward_backward", None)
+        if piped is not None and units is None:
+            raise HerdError("pipeline parallelism needs a loss that counts its units (loss.units)")
         for batch in batches:
             batch = batch.to(self.device, non_blocking=True)
+            if piped is not None:  # the pipeline schedule runs forward and backward through every stage
+                with self._autocast(), dist.loss_context(self.cfg.parallel.loss_parallel):
+                    loss_sum += piped(batch, dist.dp_size / n) / dist.dp_size
+                continue
             with self._autocast(), dist.loss_context(self.cfg.parallel.loss_parallel):
                 out = self.loss(self.model, batch)
                 if units is not None and out.total is not None:
@@ -216,12 +231,18 @@ class Trainer:
         dist = self.dist
         self.model.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss x units, units
+        piped = getattr(self.model, "loss_sum", None)
         for batch in self.eval_data():
-            batch, mine = _rows(batch, dist.dp_rank, dist.dp_size)
+            rows = dist.dp_size * (self.model.microbatches if piped is not None else 1)
+            batch = _rows(_pad_rows(batch, rows), dist.dp_rank, dist.dp_size).to(self.device)
             with self._autocast(), dist.loss_context(self.cfg.parallel.loss_parallel):
-                out = self.loss(self.model, batch.to(self.device))
+                if piped is not None:
+                    sums[0] += piped(batch)
+                    sums[1] += int(self.loss.units(batch))
+                    continue
+                out = self.loss(self.model, batch)
             n = int(out.count)
-            if n and mine:
+            if n:
                 sums[0] += float(_plain(out.loss)) * n
                 sums[1] += n
         self.model.train()
@@ -309,10 +330,11 @@ class Trainer:
 
 
 def _whole(dist: Distributed):
-    """State-dict options: whole tensors, gathered to the CPU (rank 0's copy is the one written)."""
+    """State-dict options: whole tensors, gathered to rank 0's CPU (with pipeline stages, to every rank of
+    a stage: they are put together across stages next)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=True, cpu_offload=dist.world > 1)
+    return StateDictOptions(full_state_dict=True, cpu_offload=dist.world > 1 and dist.layout.pp == 1)
 
 
 def _is_sharded(model) -> bool:
@@ -326,15 +348,31 @@ def _plain(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def _pad_rows(batch, multiple: int):
+    """``batch`` with rows added (nothing to predict in them) up to a multiple of ``multiple`` rows, so that
+    every data-parallel rank (and pipeline micro-batch) gets as many."""
+    pad = -batch.inputs.shape[0] % multiple
+    if pad == 0:
+        return batch
+    from llamaherd.data.loader import IGNORE_INDEX
+
+    def more(t, value):
+        return torch.cat([t, t.new_full((pad, *t.shape[1:]), value)])
+
+    return type(batch)(more(batch.inputs, 0), more(batch.targets, IGNORE_INDEX), more(batch.doc_ids, 0))
+
+
 def _rows(batch, rank: int, ranks: int):
-    """(data-parallel rank ``rank``'s share of a batch's rows, whether it counts them). With fewer rows
-    than ranks every rank runs the whole batch (sharded weights need every rank) and rank 0 counts it."""
+    """Data-parallel rank ``rank``'s share of a batch's rows (a multiple of ``ranks`` of them)."""
     if ranks == 1:
-        return batch, True
-    if batch.inputs.shape[0] < ranks:
-        return batch, rank == 0
-    parts = [t.tensor_split(ranks)[rank] for t in (batch.inputs, batch.targets, batch.doc_ids)]
-    return type(batch)(*parts), True
+        return batch
+    return type(batch)(*(t.tensor_split(ranks)[rank] for t in (batch.inputs, batch.targets, batch.doc_ids)))
+
+
+def _stage_part(optim: dict, names: set) -> dict:
+    """The entries of a whole optimizer state (keyed by parameter name) for the parameters in ``names``."""
+    return {"state": {k: v for k, v in optim["state"].items() if k in names},
+            "param_groups": [{**g, "params": [p for p in g["params"] if p in names]} for g in optim["param_groups"]]}
 
 
 class _NoMetrics:
