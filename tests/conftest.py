@@ -83,3 +83,19 @@ def make_tiny_model():
         return model.eval()
 
     return make
+
+
+@pytest.fixture(scope="session")
+def byte_corpus(tmp_path_factory) -> Path:
+    """A byte-level tokenizer and packed train/val sets made from a slice of the stdlib corpus."""
+    from llamaherd.data.pack import pack_documents
+    from llamaherd.data.stdlib_corpus import stdlib_documents
+    from llamaherd.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("byte_corpus")
+    tok = Tokenizer.from_ranks({bytes([i]): i for i in range(256)})
+    tok.save(root / "tokenizer.model")
+    for split, cap in (("train", 120_000), ("val", 20_000)):
+        texts = [d.text for d in stdlib_documents(split, max_bytes=cap)]
+        pack_documents(texts, tok, root / split, progress=False)
+    return root

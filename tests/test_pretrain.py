@@ -16,7 +16,6 @@ from llamaherd.checkpoint import runs as checkpointing
 from llamaherd.checkpoint.native import read_safetensors, verify_checksums
 from llamaherd.config import load_config
 from llamaherd.data.pack import pack_documents
-from llamaherd.data.stdlib_corpus import stdlib_documents
 from llamaherd.tokenizer import Tokenizer
 from llamaherd.train.pretrain import pretrain
 from llamaherd.train.trainer import lr_at
@@ -25,15 +24,8 @@ STEPS = 12
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A byte-level tokenizer and packed train/val sets made from a slice of the stdlib corpus."""
-    root = tmp_path_factory.mktemp("corpus")
-    tok = Tokenizer.from_ranks({bytes([i]): i for i in range(256)})
-    tok.save(root / "tokenizer.model")
-    for split, cap in (("train", 120_000), ("val", 20_000)):
-        texts = [d.text for d in stdlib_documents(split, max_bytes=cap)]
-        pack_documents(texts, tok, root / split, progress=False)
-    return root
+def corpus(byte_corpus):
+    return byte_corpus
 
 
 def recipe(corpus: Path, tmp: Path, **extra) -> Path:
