@@ -88,6 +88,30 @@ class ParallelConfig:
 
 
 @dataclass
+class RecoveryConfig:
+    # what the Trainer watches for, and rolls back from: to the newest good checkpoint, skipping the step's batches
+    check_nan: bool = True  # a NaN or infinite loss or gradient norm
+    spike_zscore: float = 6.0  # a loss this many standard deviations above the recent window's mean (0: off)
+    spike_window: int = 100  # steps in that moving window
+    spike_warmup: int = 20  # steps seen before spikes are judged
+    sdc_every: int = 0  # steps between checks that data-parallel replicas hold identical parameters (0: off)
+    recompute_every: int = 0  # steps between recomputations of a step, which must give the same loss (0: off)
+    max_rollbacks: int = 10  # more in one run is an error: something is wrong beyond a bad batch
+    collective_timeout_s: int = 600  # a collective that takes longer has hung: the process fails, torchrun restarts
+
+
+@dataclass
+class FaultConfig:
+    # faults injected on purpose, for tests and drills; each fires once per process (0 / -1 / []: off)
+    nan_at_step: int = 0  # that step's loss becomes NaN
+    spike_at_step: int = 0  # that step's loss is multiplied by spike_factor
+    spike_factor: float = 30.0
+    corrupt_rank: int = -1  # that rank changes one of its parameters after the optimizer step of corrupt_at_step
+    corrupt_at_step: int = 0
+    kill_rank_at_step: list = field(default_factory=list)  # [rank, step]: that rank SIGKILLs itself (first attempt)
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 100  # steps between checkpoints (one is also written at the end and on SIGTERM/SIGINT)
     keep: int = 2  # how many of the newest checkpoints to keep
@@ -111,6 +135,8 @@ class RunConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 

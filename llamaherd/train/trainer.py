@@ -233,8 +233,10 @@ class Trainer:
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss x units, units
         piped = getattr(self.model, "loss_sum", None)
         for batch in self.eval_data():
-            rows = dist.dp_size * (self.model.microbatches if piped is not None else 1)
-            batch = _rows(_pad_rows(batch, rows), dist.dp_rank, dist.dp_size).to(self.device)
+            if dist.dp_size > 1 or piped is not None:  # (packed rows: other batches stay whole)
+                rows = dist.dp_size * (self.model.microbatches if piped is not None else 1)
+                batch = _rows(_pad_rows(batch, rows), dist.dp_rank, dist.dp_size)
+            batch = batch.to(self.device)
             with self._autocast(), dist.loss_context(self.cfg.parallel.loss_parallel):
                 if piped is not None:
                     sums[0] += piped(batch)
