@@ -110,6 +110,22 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     raise HerdError(f"train.dtype: {name!r} is not supported (expected auto, float32 or bfloat16)")
 
 
+def _attempt_store(world: int, timeout: timedelta):
+    """torchrun's own key-value store, with keys under this restart attempt's prefix; None outside torchrun.
+
+    torchrun's agent keeps one store for the whole job, and every attempt's workers meet there. A worker
+    of a restarted attempt could otherwise read the previous attempt's process-group keys (with gloo on
+    torch 2.13: stale addresses, and a hang or a failed connection; pytorch issue #167288)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    import torch.distributed as dist
+
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                         timeout=timeout)
+    return dist.PrefixStore(f"llamaherd/attempt_{attempt}", base)
+
+
 class Distributed:
     """The processes of one run and how they are laid out; ``Distributed()`` is the world of one."""
 
@@ -122,7 +138,10 @@ class Distributed:
 
     @classmethod
     def start(cls, cfg, args=None, device: torch.device | None = None) -> "Distributed":
-        """Join torchrun's process group (``WORLD_SIZE`` > 1) and build the mesh, or a world of one."""
+        """Join torchrun's process group (``WORLD_SIZE`` > 1) and build the mesh, or a world of one. A
+        collective that takes longer than ``recovery.collective_timeout_s`` fails the process (torchrun
+        then restarts the job, which resumes from its newest good checkpoint)."""
+        timeout_s = cfg.recovery.collective_timeout_s
         world = int(os.environ.get("WORLD_SIZE", "1"))
         layout = plan_layout(cfg.parallel, world, args, cfg.train.batch_size, cfg.train.seq_len)
         if world == 1:
@@ -138,7 +157,13 @@ class Distributed:
         # gathering a whole checkpoint from FSDP x TP shards warns that it takes two all-gathers: it does
         logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=10))
+            backend, timeout = "nccl" if device.type == "cuda" else "gloo", timedelta(seconds=timeout_s)
+            store = _attempt_store(world, timeout)
+            if store is None:
+                dist.init_process_group(backend, timeout=timeout)
+            else:
+                dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=world,
+                                        timeout=timeout)
         mesh = init_device_mesh(device.type, (layout.pp, layout.dp_replicate, layout.dp_shard, layout.tp),
                                 mesh_dim_names=MESH_DIMS)
         made = cls(layout, device, mesh, dist.get_rank())
@@ -239,6 +264,16 @@ class Distributed:
                 for g, more in zip(groups, part_groups, strict=True):
                     g["params"] += more["params"]
         return whole_model, {"state": state, "param_groups": groups}
+
+    def ranks_where(self, flag: bool) -> list[int]:
+        """The ranks on which ``flag`` holds (every rank gets the list)."""
+        if self.mesh is None:
+            return [0] if flag else []
+        import torch.distributed as dist
+
+        flags: list = [None] * self.world
+        dist.all_gather_object(flags, (self.rank, flag))
+        return [rank for rank, f in flags if f]
 
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` holds on some rank (every rank gets the same answer)."""

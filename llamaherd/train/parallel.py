@@ -170,16 +170,21 @@ def build_model(args: ModelArgs, cfg: RunConfig, device: torch.device, dist=None
     return model.train()
 
 
-def clip_grad_norm(model: torch.nn.Module, max_norm: float, dist=None) -> torch.Tensor:
-    """Scale the gradients so that their global 2-norm is at most ``max_norm``; returns the norm before.
-    Sharded gradients (DTensors) count once each, and pipeline stages add theirs up."""
+def grad_norm(model: torch.nn.Module, dist=None) -> torch.Tensor:
+    """The global 2-norm of the gradients: sharded gradients (DTensors) count once each, and pipeline
+    stages add theirs up."""
     from torch.distributed.tensor import DTensor
 
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()
     if dist is not None and dist.layout.pp > 1:
         norm = dist.all_reduce(norm.pow(2), "pp").sqrt()
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float, dist=None, norm: torch.Tensor | None = None):
+    """Scale the gradients so that their global 2-norm is at most ``max_norm``; returns the norm before."""
+    norm = grad_norm(model, dist) if norm is None else norm
+    torch.nn.utils.clip_grads_with_norm_([p for p in model.parameters() if p.grad is not None], max_norm, norm)
     return norm

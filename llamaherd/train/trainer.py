@@ -37,7 +37,8 @@ from llamaherd.model.args import flops_per_token
 from llamaherd.train.distributed import Distributed, autocast_dtype, resolve_device  # noqa: F401 (re-exported)
 from llamaherd.train.losses import LossOutput
 from llamaherd.train.metrics import MetricsLog, bits_per_byte, memory_gib, peak_flops
-from llamaherd.train.parallel import clip_grad_norm
+from llamaherd.train.parallel import clip_grad_norm, grad_norm
+from llamaherd.train.recovery import Anomaly, Faults, Goodput, Watch, replica_mismatch
 
 
 @dataclass
@@ -53,6 +54,7 @@ class TrainResult:
     tokens_seen: int
     tokens_per_s: float
     checkpoint: Path | None
+    goodput: dict | None = None  # seconds per phase of this process's training, and the effective share
 
 
 def lr_at(step: int, cfg) -> float:
@@ -102,6 +104,10 @@ class Trainer:
         self.name, self.progress, self.console = name, progress and self.dist.is_main, console
         self.step = 0
         self.resumed_from: Path | None = None  # the checkpoint resume() loaded
+        self.watch, self.faults = Watch(cfg.recovery), Faults(cfg.fault, self.dist.rank)
+        self.skipped: set[int] = set()  # loader positions of batches that rollbacks skip
+        self.rollbacks = 0
+        self.goodput = Goodput()
         if self.dist.is_main:
             check_writable(self.run_dir)
 
@@ -120,6 +126,7 @@ class Trainer:
             model, optim = self.dist.merge_stages(model, optim)
         return {"step": self.step, "model": model, "optimizer": optim,
                 "loader": self.data.state_dict(), "rng_cpu": torch.get_rng_state(),
+                "watch": self.watch.state_dict(), "skipped_batches": sorted(self.skipped),
                 "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
 
     def load_state_dict(self, state: dict) -> None:
@@ -137,6 +144,8 @@ class Trainer:
         else:
             set_optimizer_state_dict(self.model, self.optimizer, optim, options=whole)
         self.data.load_state_dict(state["loader"])
+        self.watch.load_state_dict(state.get("watch"))
+        self.skipped = set(state.get("skipped_batches", ()))
         torch.set_rng_state(state["rng_cpu"])
         if self.device.type == "cuda" and state.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(state["rng_cuda"], self.device)
@@ -157,11 +166,18 @@ class Trainer:
     def resume(self) -> Path | None:
         """Continue from the newest checkpoint in ``run_dir`` whose checksums verify (damaged ones are
         reported and skipped); returns it, or None when there is none. Every rank reads it."""
-        from llamaherd.checkpoint import load
 
         ckpt = runs.latest_good(self.run_dir, warn=self._log)
         if ckpt is None:
             return None
+        self._load(ckpt)
+        self.resumed_from = ckpt
+        return ckpt
+
+    def _load(self, ckpt: Path) -> None:
+        """Load checkpoint ``ckpt`` into this trainer (weights, optimizer, loader, RNG, step, watch)."""
+        from llamaherd.checkpoint import load
+
         local = not _is_sharded(self.model)
         dtype = next(self.model.parameters()).dtype
         trained, _ = load(ckpt, device=self.device if local else "cpu", dtype=dtype, tokenizer=False)
@@ -169,8 +185,6 @@ class Trainer:
             raise HerdError(f"{ckpt}: was trained with different model settings than this recipe; use another --out")
         state = runs.load_train_state(ckpt)
         self.load_state_dict({**state, "model": trained.state_dict()})
-        self.resumed_from = ckpt
-        return ckpt
 
     # --- one step, one evaluation ----------------------------------------------------------------
 
@@ -181,13 +195,43 @@ class Trainer:
         """One optimizer step over ``grad_accum`` micro-batches; returns its record for metrics.jsonl.
 
         A loss with ``units`` is normalised by the units of the whole step (all micro-batches, all
-        data-parallel ranks); FSDP averages gradients over those ranks, which the scale undoes."""
-        tcfg, dist = self.cfg.train, self.dist
+        data-parallel ranks); FSDP averages gradients over those ranks, which the scale undoes. Before the
+        update is applied the step is checked (``recovery.*``): an ``Anomaly`` leaves the weights as they were."""
+        tcfg, rcfg, dist = self.cfg.train, self.cfg.recovery, self.dist
+        self.faults.maybe_kill(self.step + 1)
         self.step += 1
         lr = lr_at(self.step, tcfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batches = [next(self.data) for _ in range(tcfg.grad_accum)]
+        batches, positions = [], []
+        for _ in range(tcfg.grad_accum):
+            while self.skipped and getattr(self.data, "batches", None) in self.skipped:
+                next(self.data)  # a batch a rollback skipped
+            positions.append(getattr(self.data, "batches", None))
+            batches.append(next(self.data))
+        factor = self.faults.loss_factor(self.step)
+        try:
+            mine, extra = self._forward_backward(batches, factor)
+            if rcfg.recompute_every and self.step % rcfg.recompute_every == 0:
+                self._recompute(batches, factor, mine, positions)
+            loss_sum = float(dist.all_reduce(mine.clone(), "dp"))
+            norm = grad_norm(self.model, dist)
+            self.watch.check(self.step, loss_sum, float(norm), positions)
+        except Anomaly:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
+        clip_grad_norm(self.model, tcfg.grad_clip, dist, norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.watch.accept(loss_sum)
+        self.faults.maybe_corrupt(self.model, self.step)
+        return {"step": self.step, "loss": loss_sum, "grad_norm": float(norm), "lr": lr,
+                **{name: float(dist.all_reduce(value, "dp")) for name, value in extra.items()}}
+
+    def _forward_backward(self, batches: list, factor: float = 1.0) -> tuple[torch.Tensor, dict]:
+        """Forward and backward of the step's micro-batches, gradients accumulated; (this rank's share of the
+        step's loss, its share of each metric) as float64 tensors. ``factor`` multiplies the loss (faults)."""
+        tcfg, dist = self.cfg.train, self.dist
         units = getattr(self.loss, "units", None)
         if units is not None:
             n = torch.tensor(float(sum(int(units(b)) for b in batches)), dtype=torch.float64, device=self.device)
@@ -201,25 +245,30 @@ class Trainer:
             batch = batch.to(self.device, non_blocking=True)
             if piped is not None:  # the pipeline schedule runs forward and backward through every stage
                 with self._autocast(), dist.loss_context(self.cfg.parallel.loss_parallel):
-                    loss_sum += piped(batch, dist.dp_size / n) / dist.dp_size
+                    loss_sum += piped(batch, factor * dist.dp_size / n) / dist.dp_size
                 continue
             with self._autocast(), dist.loss_context(self.cfg.parallel.loss_parallel):
                 out = self.loss(self.model, batch)
                 if units is not None and out.total is not None:
-                    loss, share = out.total * (dist.dp_size / n), _plain(out.total).detach() / n
+                    loss, share = out.total * (factor * dist.dp_size / n), _plain(out.total).detach() * factor / n
                 else:
-                    loss = out.loss / tcfg.grad_accum
-                    share = _plain(out.loss).detach() / (tcfg.grad_accum * dist.dp_size)
+                    loss = out.loss * (factor / tcfg.grad_accum)
+                    share = _plain(out.loss).detach() * factor / (tcfg.grad_accum * dist.dp_size)
                 loss.backward()
             loss_sum += share
             for name, value in out.metrics.items():
                 extra[name] = extra.get(name, 0.0) + _plain(value).detach().double() / (tcfg.grad_accum * dist.dp_size)
-        loss_sum = float(dist.all_reduce(loss_sum, "dp"))
-        grad_norm = float(clip_grad_norm(self.model, tcfg.grad_clip, dist))
-        self.optimizer.step()
+        return loss_sum, extra
+
+    def _recompute(self, batches: list, factor: float, first: torch.Tensor, positions: list) -> None:
+        """Run the step again from the same weights: every rank must get its own loss share bit for bit, or
+        its hardware computed something else the second time (``recovery.recompute_every``)."""
         self.optimizer.zero_grad(set_to_none=True)
-        return {"step": self.step, "loss": loss_sum, "grad_norm": grad_norm, "lr": lr,
-                **{name: float(dist.all_reduce(value, "dp")) for name, value in extra.items()}}
+        again, _ = self._forward_backward(batches, factor)
+        bad = self.dist.ranks_where(not torch.equal(first, again))
+        if bad:
+            raise Anomaly("recompute", self.step, positions, bad,
+                          detail=f"rank(s) {', '.join(map(str, bad))} computed a different loss the second time")
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -266,8 +315,11 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         """Train from the current step to ``cfg.train.steps``: log every step, evaluate and checkpoint as
-        configured; SIGTERM / SIGINT checkpoint and stop after the current step."""
-        tcfg, ccfg, run_dir = self.cfg.train, self.cfg.checkpoint, self.run_dir
+        configured; SIGTERM / SIGINT checkpoint and stop after the current step. An anomaly (``recovery.*``)
+        rolls back to the newest good checkpoint and skips the step's batches. The wall time is accounted
+        in ``goodput`` phases, written to metrics.jsonl at the end."""
+        tcfg, ccfg, rcfg, run_dir = self.cfg.train, self.cfg.checkpoint, self.cfg.recovery, self.run_dir
+        gp = self.goodput
         metrics = (MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if tcfg.tensorboard else None)
                    if self.dist.is_main else _NoMetrics())
         start = self.step
@@ -286,35 +338,68 @@ class Trainer:
         t_run = time.perf_counter()
         t_log, tokens_since = time.perf_counter(), 0
         self.model.train()
+        gp.seconds["startup"] = t_run - gp.start  # building, resuming: everything before the loop
         with _StopSignals() as stop, _progress(self.progress, self.console) as bar:
             task = bar.add_task(self.name, total=tcfg.steps, completed=start, loss=float("nan"))
             while self.step < tcfg.steps:
-                record = self.train_step()
+                t_step = time.perf_counter()
+                try:
+                    record = self.train_step()
+                except Anomaly as anomaly:
+                    gp.seconds["lost"] += time.perf_counter() - t_step
+                    with gp.phase("recovery"):
+                        self._recover(anomaly, metrics)
+                    recent = []
+                    bar.update(task, completed=self.step)
+                    continue
                 step = self.step
-                recent = (recent + [record["loss"]])[-tcfg.log_every:]
-                train_loss, tokens_since = sum(recent) / len(recent), tokens_since + tokens_per_step
-                if step % tcfg.log_every == 0 or step == tcfg.steps:
-                    elapsed = time.perf_counter() - t_log
-                    tps = tokens_since / elapsed if elapsed > 0 else 0.0
-                    record.update(tokens_per_s=tps, memory_gib=memory_gib(self.device),
-                                  mfu=(tps * flops_tok / peak) if peak else None)
-                    t_log, tokens_since = time.perf_counter(), 0
-                metrics.write(record)
-                bar.update(task, completed=step, loss=record["loss"])
+                gp.step_done(step, time.perf_counter() - t_step)
+                with gp.phase("log"):
+                    recent = (recent + [record["loss"]])[-tcfg.log_every:]
+                    train_loss, tokens_since = sum(recent) / len(recent), tokens_since + tokens_per_step
+                    if step % tcfg.log_every == 0 or step == tcfg.steps:
+                        elapsed = time.perf_counter() - t_log
+                        tps = tokens_since / elapsed if elapsed > 0 else 0.0
+                        record.update(tokens_per_s=tps, memory_gib=memory_gib(self.device),
+                                      mfu=(tps * flops_tok / peak) if peak else None)
+                        t_log, tokens_since = time.perf_counter(), 0
+                    metrics.write(record)
+                    bar.update(task, completed=step, loss=record["loss"])
+                if rcfg.sdc_every and step % rcfg.sdc_every == 0:
+                    with gp.phase("recovery"):
+                        bad = replica_mismatch(self.model, self.dist)
+                    if bad:  # (the rollback moves this step's time, and every step's since the checkpoint, to lost)
+                        with gp.phase("recovery"):
+                            self._recover(Anomaly("sdc", step, ranks=bad, detail=(
+                                f"rank(s) {', '.join(map(str, bad))} hold parameters that differ from their "
+                                "data-parallel replicas'")), metrics)
+                        recent = []
+                        bar.update(task, completed=self.step)
+                        continue
                 if self.eval_data is not None and tcfg.eval_every and (step % tcfg.eval_every == 0
                                                                        or step == tcfg.steps):
-                    val = self.evaluate()
-                    metrics.write({"step": step, **val})
+                    with gp.phase("eval"):
+                        val = self.evaluate()
+                        metrics.write({"step": step, **val})
                     val_loss, val_bpb = val["val_loss"], val["val_bpb"]
-                if self.dist.world > 1 and self.dist.any(stop.received is not None):
-                    stop.received = stop.received or "SIGTERM"  # another rank was told: every rank stops
+                with gp.phase("log"):
+                    if self.dist.world > 1 and self.dist.any(stop.received is not None):
+                        stop.received = stop.received or "SIGTERM"  # another rank was told: every rank stops
                 if stop.received or step == tcfg.steps or (ccfg.every and step % ccfg.every == 0):
-                    last_ckpt = self.save()
+                    with gp.phase("checkpoint"):
+                        last_ckpt = self.save()
+                    gp.checkpointed(step)
                 if stop.received:
                     stopped_by = stop.received
                     self._log(f"{stopped_by}: checkpoint written at step {step} ({last_ckpt}); "
                               "run the same command to resume")
                     break
+        goodput = gp.report()
+        if self.step > start:
+            metrics.write({"step": self.step, "event": "goodput", **goodput})
+            phases = ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in goodput.items()
+                               if k.endswith("_s") and k != "wall_s" and v)
+            self._log(f"goodput: {goodput['effective']:.1%} of {goodput['wall_s']:.1f} s training ({phases})")
         metrics.close()
         if self.step == start:  # nothing left to train: report what the log says
             records = metrics.read()
@@ -328,7 +413,31 @@ class Trainer:
                            stopped_by=stopped_by, train_loss=train_loss if train_loss is not None else float("nan"),
                            val_loss=val_loss, val_bpb=val_bpb, tokens_seen=self.step * tokens_per_step,
                            tokens_per_s=done * tokens_per_step / elapsed if elapsed > 0 and done else 0.0,
-                           checkpoint=last_ckpt)
+                           checkpoint=last_ckpt, goodput=goodput)
+
+    def _recover(self, anomaly: Anomaly, metrics) -> None:
+        """Roll back to the newest good checkpoint, skipping the anomalous step's batches from now on."""
+        self.rollbacks += 1
+        if self.rollbacks > self.cfg.recovery.max_rollbacks:
+            raise HerdError(f"{anomaly}; that makes {self.rollbacks} rollbacks in this run (recovery.max_rollbacks "
+                            f"{self.cfg.recovery.max_rollbacks}): stopping")
+        skipped = self.skipped | {b for b in anomaly.batches if b is not None}
+        ckpt = runs.latest_good(self.run_dir, warn=self._log)
+        if ckpt is not None:
+            self._load(ckpt)
+        elif anomaly.reason in ("nan", "spike", "recompute"):  # caught before the update: the weights are good
+            self.step = anomaly.step - 1
+        else:
+            raise HerdError(f"{anomaly}; no checkpoint to roll back to yet")
+        self.skipped = skipped
+        self.goodput.lose_after(self.step)
+        metrics.truncate_after(self.step)
+        where = f"checkpoint {ckpt.name}" if ckpt is not None else "the weights before it"
+        batches = [b for b in anomaly.batches if b is not None]
+        metrics.write({"step": anomaly.step, "event": "rollback", "reason": anomaly.reason, "to_step": self.step,
+                       "skipped_batches": batches, "ranks": anomaly.ranks, "detail": anomaly.detail})
+        self._log(f"{anomaly}; rolled back to {where} (step {self.step})"
+                  + (f", skipping batch(es) {', '.join(map(str, batches))}" if batches else ""))
 
 
 def _whole(dist: Distributed):
