@@ -46,6 +46,28 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser(
+        "plan", help="the layouts of a training run before it exists: memory, step time, MFU", formatter_class=fmt,
+        description="Cost every layout of a run (tensor, pipeline and data parallel sizes, micro-batching, pipeline\n"
+                    "schedule, activation checkpointing) with a closed-form model: memory per GPU (parameters,\n"
+                    "gradients, optimizer state, activations), pipeline bubble, communication, predicted step time\n"
+                    "and MFU. Those that fit are listed fastest first, the best variant of each (tp, pp, dp). Every\n"
+                    "assumption (hardware table, efficiencies, overlap) is printed with the plan.",
+        epilog="examples:\n  herd plan --model llama3.1-405b --gpus 16384 --gpu h100-80gb --seq 8192 "
+               "--global-batch-tokens 16M\n  herd plan --model llama3-8b --gpus 64 --gpu h200 --seq 8192 "
+               "--global-batch-tokens 4M --json")
+    p.add_argument("--model", required=True, help="a model preset, e.g. llama3.1-405b, llama3-8b, llama3.2-1b")
+    p.add_argument("--gpus", type=int, required=True, help="how many GPUs")
+    p.add_argument("--gpu", default="h100-80gb", help="GPU type: h100-80gb, h200, a100-80gb, a100-40gb")
+    p.add_argument("--seq", type=int, default=8192, help="tokens per sequence (default 8192)")
+    p.add_argument("--global-batch-tokens", default="4M", help="tokens per optimizer step, e.g. 16M (default 4M)")
+    p.add_argument("--top", type=int, default=10, help="how many layouts to list (0: all)")
+    p.add_argument("--all-variants", action="store_true", help="every micro-batching / schedule of a layout")
+    p.add_argument("--kernels", default="compiled", choices=["compiled", "eager"],
+                   help="what activations the kernels keep: compiled blocks (default) or eager PyTorch")
+    p.add_argument("--json", action="store_true", help="print a JSON list of the layouts instead of a table")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser(
         "recipes", help="list the built-in recipes, or print one", formatter_class=fmt,
         description="List the recipes that come with llamaherd, each with its one-line description. With a\n"
                     "NAME, print that recipe's TOML unchanged: a starting point for a recipe of your own.",
@@ -107,6 +129,49 @@ def cmd_pretrain(args) -> int:
     if result.val_loss is not None:
         msg += f", validation {result.val_loss:.4f} nats/token ({result.val_bpb:.4f} bits/byte)"
     Console().print(f"{msg}; checkpoint {result.checkpoint}", soft_wrap=True, highlight=False, markup=False)
+    return 0
+
+
+def cmd_plan(args) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from llamaherd.errors import HerdError
+    from llamaherd.train.plan import ASSUMPTIONS, HARDWARE, LATENCY, plan
+
+    if args.top < 0:
+        raise HerdError(f"--top {args.top}: expected 0 (all) or more")
+    found = plan(args.model, args.gpus, args.gpu, args.seq, args.global_batch_tokens, top=args.top,
+                 all_variants=args.all_variants, kernels=args.kernels)
+    assumptions = {"hardware": {args.gpu: HARDWARE[args.gpu]}, "latency_s": LATENCY, **ASSUMPTIONS,
+                   "kernels": args.kernels}
+    if args.json:
+        print(json.dumps([{**c.as_dict(), "assumptions": assumptions} for c in found], indent=2))
+        return 0
+    console = Console()
+    if not found:
+        console.print(f"no layout of {args.model} fits on {args.gpus} x {args.gpu} at this batch and sequence")
+    table = Table(title=f"herd plan: {args.model} on {args.gpus:,} x {args.gpu}, {args.seq:,}-token sequences, "
+                        f"{args.global_batch_tokens} tokens a step")
+    for col in ("#", "tp", "pp", "dp", "micro-batches", "schedule", "act. ckpt", "GiB/GPU", "of which act.",
+                "bubble", "comm GiB", "step s", "MFU", "TFLOP/s"):
+        table.add_column(col, justify="left" if col in ("schedule",) else "right")
+    for i, c in enumerate(found, 1):
+        schedule = c.schedule + (f" (v={c.stages_per_rank})" if c.stages_per_rank > 1 else "")
+        table.add_row(str(i), str(c.tp), str(c.pp), str(c.dp), f"{c.microbatches} x {c.microbatch}", schedule,
+                      "yes" if c.activation_checkpointing else "no", f"{c.memory_gib:.1f}",
+                      f"{c.memory['activations']:.1f}", f"{c.bubble:.1%}", f"{c.comm_gib:.1f}", f"{c.step_s:.2f}",
+                      f"{c.mfu:.1%}", f"{c.tflops_per_gpu:.0f}")
+    console.print(table)
+    hw = HARDWARE[args.gpu]
+    console.print(f"assumptions: {args.gpu} = {hw['peak_flops'] / 1e12:.0f} TFLOP/s bf16, {hw['memory_gib']:.0f} GiB, "
+                  f"NVLink {hw['nvlink_bw'] / 1e9:.0f} GB/s and network {hw['network_bw'] / 1e9:.0f} GB/s per GPU one "
+                  f"way, {hw['gpus_per_node']} per node; " + ", ".join(f"{k} {v}" for k, v in ASSUMPTIONS.items())
+                  + f", ring latency {LATENCY['nvlink'] * 1e6:.0f} us (NVLink) / {LATENCY['network'] * 1e6:.0f} us "
+                  f"(network) a hop, {args.kernels} kernels. See docs/distributed.md.",
+                  soft_wrap=True, highlight=False, markup=False)
     return 0
 
 

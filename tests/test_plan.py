@@ -1,0 +1,82 @@
+"""`herd plan`: Meta's 405B layout among the top three at about Meta's MFU, the JSON contract, the memory model
+against a measured run, and bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llamaherd.cli import main
+from llamaherd.errors import HerdError
+from llamaherd.train.plan import parse_tokens, plan, stage_layers
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("gpus, dp, meta_mfu", [(16384, 128, 0.41), (8192, 64, 0.43)])
+def test_meta_s_405b_layout_is_among_the_top_three_at_about_its_mfu(gpus, dp, meta_mfu):
+    # Table 4 of the Llama 3 paper: TP 8, PP 16 and DP 128 (64 on 8K GPUs), 8K sequences, 16M tokens a batch,
+    # 400 (430) TFLOP/s per GPU, 41% (43%) BF16 MFU
+    found = plan("llama3.1-405b", gpus, "h100-80gb", 8192, "16M", top=3)
+    layouts = [(c.tp, c.pp, c.dp) for c in found]
+    assert (8, 16, dp) in layouts, layouts
+    meta = found[layouts.index((8, 16, dp))]
+    assert meta.fits and meta.memory_gib <= 80
+    assert abs(meta.mfu - meta_mfu) <= 0.10, meta.mfu
+    assert not meta.activation_checkpointing  # Meta trained 8K sequences without it
+    assert all(c.fits for c in found) and [c.step_s for c in found] == sorted(c.step_s for c in found)
+
+
+def test_json_lists_objects_with_the_contract_fields(capsys):
+    assert main(["plan", "--model", "llama3.1-405b", "--gpus", "16384", "--gpu", "h100-80gb", "--seq", "8192",
+                 "--global-batch-tokens", "16M", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert isinstance(rows, list) and 1 <= len(rows) <= 10
+    for row in rows:
+        assert {"tp", "pp", "dp", "memory_gib", "step_s", "mfu", "fits"} <= set(row)
+        assert row["tp"] * row["pp"] * row["dp"] == 16384 and row["fits"] is True
+        assert row["assumptions"]["matmul_efficiency"] > 0 and "h100-80gb" in row["assumptions"]["hardware"]
+
+
+def test_the_table_states_its_assumptions(capsys):
+    assert main(["plan", "--model", "llama3-8b", "--gpus", "64", "--gpu", "h200", "--global-batch-tokens", "4M"]) == 0
+    out = capsys.readouterr().out
+    assert "assumptions: h200 = 989 TFLOP/s bf16" in out and "matmul_efficiency" in out and "dp_overlap" in out
+
+
+def test_layers_split_as_meta_split_405b():
+    assert stage_layers(126, 16) == [7] + [8] * 14 + [7]
+    assert sum(stage_layers(32, 4)) == 32 and stage_layers(5, 2) == [3, 2] and stage_layers(10, 1) == [10]
+
+
+def test_the_memory_model_is_within_20_percent_of_a_measured_run():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from cpu_plan_memory import measure
+    finally:
+        sys.path.pop(0)
+    result = measure(dim=512, layers=4, batch=8, seq=256)  # measured by PyTorch's memory tracker, in a child
+    assert 0.8 <= result["ratio"] <= 1.2, result
+
+
+def test_bad_input_is_one_line(capsys):
+    for argv, message in [
+        (["--model", "llama9", "--gpus", "8"], "--model 'llama9': expected one of"),
+        (["--model", "llama3-8b", "--gpus", "8", "--gpu", "tpu"], "--gpu 'tpu': expected one of h100-80gb"),
+        (["--model", "llama3-8b", "--gpus", "8", "--global-batch-tokens", "lots"], "'lots': expected a token count"),
+        (["--model", "llama3-8b", "--gpus", "8", "--seq", "3000", "--global-batch-tokens", "4M"],
+         "not a whole number of 3,000-token sequences"),
+    ]:
+        assert main(["plan", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert parse_tokens("16M") == 16 * 2**20 and parse_tokens("4096") == 4096
+    with pytest.raises(HerdError):
+        parse_tokens("")
+
+
+def test_plan_command_runs_as_a_program():
+    proc = subprocess.run([sys.executable, "-m", "llamaherd", "plan", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--global-batch-tokens" in proc.stdout
