@@ -115,6 +115,8 @@ class FaultConfig:
 class CheckpointConfig:
     every: int = 100  # steps between checkpoints (one is also written at the end and on SIGTERM/SIGINT)
     keep: int = 2  # how many of the newest checkpoints to keep
+    sharded: bool = False  # each rank writes its own shards (torch.distributed.checkpoint), nothing gathered
+    async_save: bool = False  # with sharded: written in the background while training goes on
 
 
 @dataclass

@@ -115,6 +115,31 @@ def test_a_checkpoint_saved_at_dp4_resumes_at_dp2_x_tp2(byte_corpus, tmp_path):
     assert vals == pytest.approx(ref_vals, rel=1e-5)
 
 
+def test_sharded_checkpoints_resume_under_another_layout_and_export_to_one_file(byte_corpus, tmp_path):
+    # every rank writes its own shards (torch.distributed.checkpoint), in the background at dp=4; resumed as
+    # pp 2 x tp 2; the same run one process made with whole checkpoints
+    one, out = tmp_path / "one", tmp_path / "run"
+    pretrain(1, one, settings(byte_corpus, steps=5))
+    pretrain(1, one, settings(byte_corpus))
+    sharded = ["checkpoint.sharded=true"]
+    pretrain(4, out, settings(byte_corpus, steps=5) + sharded + ["checkpoint.async_save=true"])
+    assert (runs.step_dir(out, 5) / "dcp" / ".metadata").is_file()
+    assert not (runs.step_dir(out, 5) / "model.safetensors").exists()
+    proc = pretrain(4, out, settings(byte_corpus) + sharded + ["parallel.pp=2", "parallel.tp=2"])
+    assert "(step 5)" in proc.stdout + proc.stderr
+    assert records(out)[0] == pytest.approx(records(one)[0], rel=1e-5)
+    # herd convert reads the shards into one Hugging Face checkpoint, which gives the one-process model's logits
+    hf = tmp_path / "hf"
+    convert = subprocess.run([sys.executable, "-m", "llamaherd", "convert", str(out), str(hf), "--to", "hf"],
+                             capture_output=True, text=True, timeout=300, env=env())
+    assert convert.returncode == 0, convert.stderr[-2000:]
+    theirs, _ = llamaherd.load(one)
+    ours, _ = llamaherd.load(hf)
+    tokens = torch.arange(128).reshape(2, 64) % 251
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), theirs(tokens), rtol=1e-4, atol=1e-4)
+
+
 def test_the_checkpoint_of_a_distributed_model_gives_its_logits(byte_corpus, tmp_path):
     worker = TESTS / "dist_worker.py"
     proc = torchrun(4, str(worker), str(tmp_path), "3", *settings(byte_corpus), "model.tie_embeddings=true",

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -211,10 +212,43 @@ def read_dtype(ckpt: Path) -> str:
     return str(read_json(ckpt / CONFIG).get("dtype"))
 
 
+SHARDS = "dcp"  # a sharded checkpoint's weights: torch.distributed.checkpoint's files, one or more per rank
+
+
 def read_tensors(ckpt: Path, args: ModelArgs) -> Iterator[tuple[str, torch.Tensor, str]]:
+    if not (ckpt / WEIGHTS).is_file() and (ckpt / SHARDS / ".metadata").is_file():
+        yield from read_shards(ckpt, args)
+        return
     file = ckpt / WEIGHTS
     for name, t in read_safetensors(file):
         yield name, t, f"{file}: tensor {name}"
+
+
+def read_shards(ckpt: Path, args: ModelArgs) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """The whole tensors of a sharded checkpoint (every rank's shards put together, in this one process)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from llamaherd.model.transformer import Transformer
+
+    where = ckpt / SHARDS
+    try:
+        stored = dcp.FileSystemReader(where).read_metadata().state_dict_metadata
+    except Exception as e:  # a damaged .metadata: torch raises various errors
+        raise HerdError(f"{where}: cannot read the sharded checkpoint ({type(e).__name__}: {e})") from None
+    with torch.device("meta"):
+        names = [n for n, _ in Transformer(args).named_parameters()]  # a tied weight once
+    state = {}
+    for name in names:
+        meta = stored.get(f"model.{name}")
+        if not isinstance(meta, TensorStorageMetadata):
+            raise HerdError(f"{where}: no tensor model.{name} in the sharded checkpoint")
+        state[name] = torch.empty(meta.size, dtype=meta.properties.dtype)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": state}, checkpoint_id=where, no_dist=True)
+    for name in names:
+        yield name, state[name], f"{where}: tensor model.{name}"
 
 
 def file_name(meta_name: str) -> str:
@@ -222,7 +256,7 @@ def file_name(meta_name: str) -> str:
 
 
 def weights_label(ckpt: Path) -> str:
-    return str(ckpt / WEIGHTS)
+    return str(ckpt / WEIGHTS) if (ckpt / WEIGHTS).is_file() or not (ckpt / SHARDS).is_dir() else str(ckpt / SHARDS)
 
 
 def read_tokenizer(ckpt: Path):
@@ -232,11 +266,12 @@ def read_tokenizer(ckpt: Path):
     return (Tokenizer.from_file(file), file) if file.is_file() else None
 
 
-def write(out: Path, args: ModelArgs, tensors: dict[str, torch.Tensor], tokenizer, dtype: torch.dtype) -> None:
-    """Write the herd layout into ``out``; checksums.json last, covering every file in ``out``."""
-    sha = write_safetensors(out / WEIGHTS, tensors, dtype)
+def write(out: Path, args: ModelArgs, tensors: dict[str, torch.Tensor] | None, tokenizer, dtype: torch.dtype) -> None:
+    """Write the herd layout into ``out``; checksums.json last, covering every file in ``out``. ``tensors``
+    None: the weights are already there as shards (``SHARDS``), written by every rank."""
+    sha = write_safetensors(out / WEIGHTS, tensors, dtype) if tensors is not None else None
     cfg = {"format": FORMAT, "version": VERSION, "model_args": args.to_dict(), "dtype": dtype_name(dtype)}
     write_json(out / CONFIG, cfg)
     if tokenizer is not None:
         tokenizer.save(out / TOKENIZER)
-    write_checksums(out, {WEIGHTS: sha})
+    write_checksums(out, {WEIGHTS: sha} if sha else {})

@@ -1,7 +1,8 @@
 """Training run directories: step checkpoints, each a loadable model plus what an exact resume needs.
 
     RUN/checkpoints/step_0000100/
-        herd.json, model.safetensors, tokenizer.model   the model, in llamaherd's own layout
+        herd.json, model.safetensors, tokenizer.model   the model, in llamaherd's own layout (or, with
+                                                         checkpoint.sharded, dcp/: every rank's shards)
         train_state.pt                                   optimizer, data loader position, RNG, step
         checksums.json                                   size + sha256 of every file above
 
@@ -82,6 +83,31 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, train_state: dic
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+    for old in checkpoint_dirs(run_dir)[max(keep, 1):]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def sharded_tmp(run_dir: Path, step: int) -> Path:
+    """Where every rank writes its shards of step ``step``'s sharded checkpoint before it is published."""
+    final = step_dir(run_dir, step)
+    return final.parent / f".{final.name}.tmp-sharded"
+
+
+def publish_sharded(run_dir: Path, step: int, args, tokenizer, train_state: dict, dtype, keep: int) -> Path:
+    """Complete a sharded checkpoint whose shards every rank has written (``sharded_tmp``): the train state,
+    herd.json, the tokenizer and checksums.json beside them, then renamed into place; the oldest beyond
+    ``keep`` deleted. On rank 0, after every rank's shards are complete."""
+    from llamaherd.checkpoint import native
+
+    final, tmp = step_dir(run_dir, step), sharded_tmp(run_dir, step)
+    try:
+        torch.save(train_state, tmp / STATE)
+        native.write(tmp, args, None, tokenizer, dtype)
+        native.publish(tmp, final)
+    except OSError as e:
+        raise HerdError(f"cannot write checkpoint {final}: {e.strerror or e}; the previous checkpoints are "
+                        "intact") from None
     for old in checkpoint_dirs(run_dir)[max(keep, 1):]:
         shutil.rmtree(old, ignore_errors=True)
     return final

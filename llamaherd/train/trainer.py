@@ -124,10 +124,7 @@ class Trainer:
         optim = get_optimizer_state_dict(self.model, self.optimizer, options=whole)
         if self.dist.layout.pp > 1:  # each pipeline stage has its part: put them together
             model, optim = self.dist.merge_stages(model, optim)
-        return {"step": self.step, "model": model, "optimizer": optim,
-                "loader": self.data.state_dict(), "rng_cpu": torch.get_rng_state(),
-                "watch": self.watch.state_dict(), "skipped_batches": sorted(self.skipped),
-                "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        return {"model": model, "optimizer": optim, **self.state_dict_extras()}
 
     def load_state_dict(self, state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
@@ -143,6 +140,9 @@ class Trainer:
             self.optimizer.load_state_dict(optim)
         else:
             set_optimizer_state_dict(self.model, self.optimizer, optim, options=whole)
+        self._load_extras(state)
+
+    def _load_extras(self, state: dict) -> None:
         self.data.load_state_dict(state["loader"])
         self.watch.load_state_dict(state.get("watch"))
         self.skipped = set(state.get("skipped_batches", ()))
@@ -153,7 +153,10 @@ class Trainer:
 
     def save(self) -> Path:
         """Checkpoint the current step: the weights as a loadable model, the rest in ``train_state.pt``
-        (every rank gathers; rank 0 writes)."""
+        (every rank gathers; rank 0 writes). With ``checkpoint.sharded`` every rank writes its own shards
+        instead (``torch.distributed.checkpoint``), in the background with ``checkpoint.async_save``."""
+        if self.cfg.checkpoint.sharded:
+            return self._save_sharded()
         state = self.state_dict()
         params = state.pop("model")  # written as the checkpoint's model files
         path = runs.step_dir(self.run_dir, self.step)
@@ -162,6 +165,48 @@ class Trainer:
                                         self.cfg.checkpoint.keep, params=params)
         self.dist.barrier()
         return path
+
+    def _save_sharded(self) -> Path:
+        import shutil
+
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        self.finish_saving()  # the previous background save, first
+        tmp = runs.sharded_tmp(self.run_dir, self.step)
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # a save a crash left half-written
+            tmp.mkdir(parents=True)
+        self.dist.barrier()
+        model, optim = get_state_dict(self.model, self.optimizer)
+        pending = (self.step, self.state_dict_extras())
+        if self.cfg.checkpoint.async_save and self.dist.world > 1:
+            self._pending = (dcp.async_save({"model": model, "optimizer": optim}, checkpoint_id=tmp / "dcp"), *pending)
+        else:
+            dcp.save({"model": model, "optimizer": optim}, checkpoint_id=tmp / "dcp")
+            self._pending = (None, *pending)
+            self.finish_saving()
+        return runs.step_dir(self.run_dir, self.step)
+
+    def finish_saving(self) -> None:
+        """Wait for a background checkpoint and publish it (every rank calls it)."""
+        pending, self._pending = getattr(self, "_pending", None), None
+        if pending is None:
+            return
+        future, step, extras = pending
+        if future is not None:
+            future.result()
+        self.dist.barrier()  # every rank's shards are written
+        if self.dist.is_main:
+            runs.publish_sharded(self.run_dir, step, self.model.args, self.tokenizer, extras,
+                                 next(self.model.parameters()).dtype, self.cfg.checkpoint.keep)
+        self.dist.barrier()
+
+    def state_dict_extras(self) -> dict:
+        """What a checkpoint holds besides the weights and the optimizer's moments."""
+        return {"step": self.step, "loader": self.data.state_dict(), "rng_cpu": torch.get_rng_state(),
+                "watch": self.watch.state_dict(), "skipped_batches": sorted(self.skipped),
+                "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
 
     def resume(self) -> Path | None:
         """Continue from the newest checkpoint in ``run_dir`` whose checksums verify (damaged ones are
@@ -177,6 +222,22 @@ class Trainer:
     def _load(self, ckpt: Path) -> None:
         """Load checkpoint ``ckpt`` into this trainer (weights, optimizer, loader, RNG, step, watch)."""
         from llamaherd.checkpoint import load
+        from llamaherd.checkpoint.native import SHARDS, WEIGHTS, read_args
+
+        if not (ckpt / WEIGHTS).is_file() and (ckpt / SHARDS).is_dir():  # sharded: each rank reads its part
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+            if read_args(ckpt) != self.model.args:
+                raise HerdError(f"{ckpt}: was trained with different model settings than this recipe; "
+                                "use another --out")
+            model, optim = get_state_dict(self.model, self.optimizer)
+            state = {"model": model, "optimizer": optim}
+            dcp.load(state, checkpoint_id=ckpt / SHARDS)
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"])
+            self._load_extras(runs.load_train_state(ckpt))
+            return
 
         local = not _is_sharded(self.model)
         dtype = next(self.model.parameters()).dtype
@@ -394,6 +455,8 @@ class Trainer:
                     self._log(f"{stopped_by}: checkpoint written at step {step} ({last_ckpt}); "
                               "run the same command to resume")
                     break
+        with gp.phase("checkpoint"):
+            self.finish_saving()  # a background checkpoint still being written
         goodput = gp.report()
         if self.step > start:
             metrics.write({"step": self.step, "event": "goodput", **goodput})
@@ -422,6 +485,7 @@ class Trainer:
             raise HerdError(f"{anomaly}; that makes {self.rollbacks} rollbacks in this run (recovery.max_rollbacks "
                             f"{self.cfg.recovery.max_rollbacks}): stopping")
         skipped = self.skipped | {b for b in anomaly.batches if b is not None}
+        self.finish_saving()  # a checkpoint still being written is complete, and a candidate
         ckpt = runs.latest_good(self.run_dir, warn=self._log)
         if ckpt is not None:
             self._load(ckpt)
