@@ -187,3 +187,16 @@ def test_impossible_layouts_are_one_line_errors_before_anything_starts(byte_corp
     assert proc.stderr.strip().splitlines() == [
         "error: parallel: pp 1 x dp_replicate 1 x tp 2 = 2 does not divide the world size 3"]
     assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_herd_run_passes_nproc_through(tmp_path):
+    from llamaherd.train.run import run
+
+    summary = run("tiny", ["data.max_bytes=150000", "tokenizer.vocab_size=300", "model.dim=64", "model.n_layers=2",
+                           "model.n_heads=4", "model.n_kv_heads=2", "model.multiple_of=32", "train.steps=4",
+                           "train.batch_size=4", "train.seq_len=64", "train.eval_every=4", "train.eval_batches=2",
+                           "sample.max_new_tokens=8", "curate.workers=1"], str(tmp_path / "run"), progress=False,
+                  nproc=2)
+    assert summary.train.step == 4 and summary.train.val_bpb is not None and summary.samples
+    assert json.loads((tmp_path / "run" / "train_result.json").read_text())["step"] == 4
+    assert "goodput (effective training time)" in (tmp_path / "run" / "report.md").read_text()

@@ -56,6 +56,7 @@ def test_validation_loss_is_far_below_the_unigram_entropy(finished_run):
     report = (out / "report.md").read_text()
     assert f"{t.val_bpb:.4f} bits/byte" in report and f"{summary.unigram_bpb:.4f} bits/byte" in report
     assert "tokens/s" in report and "## Samples" in report
+    assert f"| goodput (effective training time) | {t.goodput['effective']:.1%} of" in report
 
 
 def test_samples_look_like_python(finished_run):

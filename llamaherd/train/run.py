@@ -319,6 +319,10 @@ def write_report(s: RunSummary, cfg: RunConfig) -> Path:
         lines.append(f"| validation loss | {t.val_loss:.4f} nats/token = {t.val_bpb:.4f} bits/byte |")
     if s.unigram_bpb is not None:
         lines.append(f"| unigram entropy of the corpus | {s.unigram_bpb:.4f} bits/byte |")
+    if t.goodput:
+        g = t.goodput
+        parts = ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in g.items() if k.endswith("_s") and k != "wall_s" and v)
+        lines.append(f"| goodput (effective training time) | {g['effective']:.1%} of {g['wall_s']:.1f} s ({parts}) |")
     if (s.run_dir / "loss.png").is_file():
         lines += ["", "![loss curve](loss.png)"]
     lines += ["", "## Samples", ""]

@@ -468,6 +468,8 @@ class Trainer:
             records = metrics.read()
             losses = [r["loss"] for r in records if "loss" in r][-tcfg.log_every:]
             vals = [r for r in records if "val_loss" in r]
+            spent = [r for r in records if r.get("event") == "goodput"]
+            goodput = {k: v for k, v in spent[-1].items() if k not in ("step", "event")} if spent else None
             train_loss = sum(losses) / len(losses) if losses else None
             if vals:
                 val_loss, val_bpb = vals[-1]["val_loss"], vals[-1]["val_bpb"]
