@@ -20,7 +20,8 @@ step() {  # step SECONDS NAME SCRIPT ARGS...
     [ "$rc" -eq 0 ] || { echo "=== $name: exit status $rc"; status=1; }
 }
 start=$SECONDS
-step 190 gpu_check gpu_check.py --quick
-step 220 gpu_decode gpu_decode.py --quick
-step $((580 - (SECONDS - start))) gpu_train gpu_train.py --quick  # the rest of 580 s: 170 s or more
+step 170 gpu_check gpu_check.py --quick
+step 200 gpu_decode gpu_decode.py --quick
+step 90 gpu_fsdp gpu_fsdp.py --quick  # FSDP at world size 1 vs unwrapped, activation checkpointing's memory
+step $((580 - (SECONDS - start))) gpu_train gpu_train.py --quick  # the rest of 580 s: 120 s or more
 exit $status
