@@ -109,6 +109,7 @@ class FaultConfig:
     corrupt_rank: int = -1  # that rank changes one of its parameters after the optimizer step of corrupt_at_step
     corrupt_at_step: int = 0
     kill_rank_at_step: list = field(default_factory=list)  # [rank, step]: that rank SIGKILLs itself (first attempt)
+    hang_rank_at_step: list = field(default_factory=list)  # [rank, step]: that rank stops responding (first attempt)
 
 
 @dataclass

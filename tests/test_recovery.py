@@ -137,3 +137,14 @@ def test_a_killed_worker_comes_back_on_its_own_and_ends_bit_identical(byte_corpu
     ours, theirs = weights(tmp_path / "run"), weights(uninterrupted)
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     assert losses(tmp_path / "run") == losses(uninterrupted)
+
+
+@pytest.mark.slow
+def test_a_hung_collective_times_out_and_the_job_comes_back(byte_corpus, uninterrupted, tmp_path):
+    # rank 1 stops responding at step 8; rank 0's next collective times out after 5 s and fails its process;
+    # torchrun restarts both, which resume from step 5
+    proc = torchrun(2, *settings(byte_corpus), "fault.hang_rank_at_step=[1,8]", "recovery.collective_timeout_s=5",
+                    "--out", str(tmp_path / "run"), restarts=2)
+    assert "resuming from" in proc.stdout + proc.stderr
+    ours, theirs = weights(tmp_path / "run"), weights(uninterrupted)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)

@@ -247,14 +247,15 @@ def plan(model: str, gpus: int, gpu: str, seq: int, global_batch_tokens: int | s
     return out[:top] if top else out
 
 
-def run_memory(cfg, args) -> dict:
-    """The memory model's prediction for one process training ``cfg`` on the CPU (float32, eager PyTorch):
-    what ``benchmarks/cpu_plan_memory.py`` compares with the measured peak. GiB, by part and in all."""
+def run_memory(cfg, args, precision: str = "fp32") -> dict:
+    """The memory model's prediction for one process training ``cfg`` with eager PyTorch, in float32 (on the
+    CPU; what ``benchmarks/cpu_plan_memory.py`` compares with the measured peak) or with bf16 activations
+    (``precision="bf16"``, on a GPU: ``benchmarks/gpu_fsdp.py``). GiB, by part and in all."""
     from llamaherd.model.args import flops_per_token
 
     t = cfg.train
     c = Candidate(1, 1, 1, t.batch_size, t.grad_accum, "-", t.activation_checkpointing)
     hw = {"peak_flops": 1e12, "memory_gib": float("inf"), "nvlink_bw": 1e9, "network_bw": 1e9, "gpus_per_node": 1}
     cost(c, args, hw, t.seq_len, t.batch_size * t.seq_len * t.grad_accum, flops_per_token(args, t.seq_len),
-         {**ASSUMPTIONS, "reserve_gib": 0.0}, kernels="eager", precision="fp32")
+         {**ASSUMPTIONS, "reserve_gib": 0.0}, kernels="eager", precision=precision)
     return {**c.memory, "total": c.memory_gib}

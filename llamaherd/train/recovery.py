@@ -121,12 +121,19 @@ class Faults:
             return float(self.cfg.spike_factor)
         return 1.0
 
+    def _mine(self, spec: list, step: int) -> bool:
+        return len(spec) == 2 and spec[0] == self.rank and spec[1] == step and \
+            os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+
     def maybe_kill(self, step: int) -> None:
-        """``fault.kill_rank_at_step = [rank, step]``: that rank dies by SIGKILL, in torchrun's first attempt."""
-        spec = self.cfg.kill_rank_at_step
-        if len(spec) == 2 and spec[0] == self.rank and spec[1] == step and \
-                os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        """``fault.kill_rank_at_step = [rank, step]``: that rank dies by SIGKILL, in torchrun's first attempt;
+        ``fault.hang_rank_at_step``: that rank stops responding (the others' next collective times out)."""
+        if self._mine(self.cfg.kill_rank_at_step, step):
             os.kill(os.getpid(), signal.SIGKILL)
+        if self._mine(self.cfg.hang_rank_at_step, step):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # hung, but torchrun's SIGTERM still ends it
+            while True:
+                time.sleep(3600)
 
     @torch.no_grad()
     def maybe_corrupt(self, model, step: int) -> None:
