@@ -170,12 +170,19 @@ class Distributed:
         made._dp_flat = mesh["dp_replicate", "dp_shard"]._flatten("dp")  # every data-parallel rank: one group
         return made
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
+        """Leave the process group. After a clean finish, once every rank is here (a rank that tears its
+        connections down while another still uses them can abort the other's process); after an error at
+        once (the others may never get here)."""
         if self.mesh is not None:
             import torch.distributed as dist
 
             if dist.is_initialized():
-                dist.destroy_process_group()
+                try:
+                    if clean:
+                        dist.barrier()
+                finally:
+                    dist.destroy_process_group()
             self.mesh = None
 
     # --- where this rank is --------------------------------------------------------------------------

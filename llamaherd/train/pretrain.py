@@ -60,6 +60,7 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, cons
     device = resolve_device(tcfg.device)
     autocast_dtype(tcfg.dtype, device)  # a bad train.dtype fails before anything is built
     dist = Distributed.start(cfg, args, device)  # a bad layout fails here too, before any process group
+    clean = False
     try:
         device = dist.device if dist.world > 1 else device
         if dist.is_main:
@@ -83,9 +84,10 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, cons
         result = trainer.fit()
         if dist.is_main:
             write_result(result)
+        clean = True
         return result
     finally:
-        dist.close()
+        dist.close(clean)
 
 
 def write_result(result: TrainResult) -> None:
