@@ -1,0 +1,416 @@
+"""The OpenAI-compatible HTTP API over the engine (FastAPI).
+
+    app = create_app(engine, model_name="tiny", api_key=None)
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream`` over
+server-sent events), ``POST /tokenize``, ``POST /detokenize``, ``GET /health``, ``GET /metrics``. Errors
+have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with a 4xx status for anything
+the client sent wrong, 429 with ``Retry-After`` when the queue is full.
+"""
+
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any
+
+from llamaherd.errors import HerdError
+from llamaherd.serve.engine import Engine, Event, QueueFull, SamplingParams
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
+
+
+def _field(body: dict, name: str, kind, default=None, *, low=None, high=None):
+    """``body[name]`` checked: its type, its range; ApiError (400) naming the field otherwise."""
+    value = body.get(name, default)
+    if value is None:
+        return default
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        raise ApiError(400, f"{name}: expected {kinds[0].__name__}, got {value!r}", name)
+    if not isinstance(value, kinds):
+        if float in kinds and isinstance(value, int):
+            value = float(value)
+        else:
+            raise ApiError(400, f"{name}: expected {' or '.join(k.__name__ for k in kinds)}, got {value!r}", name)
+    if low is not None and value < low or high is not None and value > high:
+        raise ApiError(400, f"{name}: {value!r} is out of range [{low}, {high}]", name)
+    return value
+
+
+class Server:
+    """What the routes share: the engine, the tokenizer, limits, metrics."""
+
+    def __init__(self, engine: Engine, model_name: str, *, api_key: str | None = None,
+                 max_prompt_tokens: int | None = None, max_total_tokens: int | None = None,
+                 request_timeout: float | None = 600.0):
+        from llamaherd.serve.metrics import Metrics
+        from llamaherd.tokenizer.chat import ChatFormat
+
+        self.engine, self.model_name, self.api_key = engine, model_name, api_key
+        self.tokenizer = engine.tokenizer
+        self.chat = ChatFormat(self.tokenizer)
+        self.max_prompt = max_prompt_tokens or engine.max_context()
+        self.max_total = max_total_tokens or engine.max_context()
+        self.timeout = request_timeout
+        self.metrics = Metrics(engine)
+        self.ready = False
+
+    # --- requests to engine parameters ---------------------------------------------------------------
+
+    def params(self, body: dict, default_max: int) -> tuple[SamplingParams, int]:
+        stop = body.get("stop")
+        if stop is None:
+            stop = []
+        elif isinstance(stop, str):
+            stop = [stop]
+        elif not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)) or len(stop) > 4:
+            raise ApiError(400, "stop: expected a string or a list of up to 4 non-empty strings", "stop")
+        n = _field(body, "n", int, 1, low=1, high=16)
+        params = SamplingParams(
+            max_tokens=_field(body, "max_tokens", int, default_max, low=0, high=self.max_total),
+            temperature=_field(body, "temperature", float, 1.0, low=0.0, high=2.0),
+            top_p=_field(body, "top_p", float, 1.0, low=0.0, high=1.0),
+            top_k=_field(body, "top_k", int, None, low=1),
+            seed=_field(body, "seed", int, None),
+            stop=stop)
+        if params.top_p == 0.0:
+            params.top_p = 1e-9
+        return params, n
+
+    def check_lengths(self, prompt: list[int], params: SamplingParams) -> None:
+        if not prompt:
+            raise ApiError(400, "the prompt is empty: expected at least one token", "prompt")
+        if any(not 0 <= t < self.tokenizer.n_words for t in prompt):
+            raise ApiError(400, f"prompt: token ids must be in [0, {self.tokenizer.n_words})", "prompt")
+        if len(prompt) > self.max_prompt:
+            raise ApiError(400, f"the prompt has {len(prompt)} tokens; this server takes at most {self.max_prompt}",
+                           "prompt")
+        if len(prompt) + params.max_tokens > self.max_total:
+            raise ApiError(400, f"the prompt's {len(prompt)} tokens + max_tokens {params.max_tokens} are more than "
+                                f"the {self.max_total} tokens a request may have", "max_tokens")
+
+    def submit(self, prompt: list[int], params: SamplingParams, loop, out: asyncio.Queue):
+        def on_event(event: Event) -> None:
+            loop.call_soon_threadsafe(out.put_nowait, event)
+
+        try:
+            return self.engine.submit(prompt, params, timeout=self.timeout, on_event=on_event)
+        except QueueFull as e:
+            raise ApiError(429, str(e), kind="rate_limit_error", headers={"Retry-After": "1"}) from None
+        except HerdError as e:
+            raise ApiError(400, str(e)) from None
+
+
+def create_app(engine: Engine, model_name: str, **limits: Any):
+    """The FastAPI app serving ``engine`` as ``model_name``."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+
+    server = Server(engine, model_name, **limits)
+    app = FastAPI(title="llamaherd", version="1")
+    app.state.server = server
+
+    def error(status: int, message: str, param=None, kind="invalid_request_error", headers=None):
+        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
+                            status_code=status, headers=headers)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, e: ApiError):
+        return error(e.status, e.message, e.param, e.kind, e.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, e: Exception):  # the engine keeps running; the client is told
+        return error(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if server.api_key and request.url.path.startswith(("/v1", "/tokenize", "/detokenize")):
+            if request.headers.get("authorization") != f"Bearer {server.api_key}":
+                return error(401, "invalid or missing API key (Authorization: Bearer ...)",
+                             kind="authentication_error")
+        return await call_next(request)
+
+    async def body_of(request: Request) -> dict:
+        try:
+            body = json.loads(await request.body() or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model != server.model_name:
+            raise ApiError(404, f"model {model!r} does not exist; this server serves {server.model_name!r}",
+                           "model", kind="not_found_error")
+        return body
+
+    @app.get("/health")
+    async def health():
+        if not server.ready:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        data, content_type = server.metrics.render()
+        return Response(data, media_type=content_type)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": 0,
+                                            "owned_by": "llamaherd"}]}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        body = await body_of(request)
+        text = body.get("prompt", body.get("text"))
+        if not isinstance(text, str):
+            raise ApiError(400, "prompt: expected a string", "prompt")
+        ids = server.tokenizer.encode(text, bos=bool(body.get("add_special_tokens", True)))
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_context()}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        body = await body_of(request)
+        ids = body.get("tokens")
+        if not (isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in ids)):
+            raise ApiError(400, "tokens: expected a list of token ids", "tokens")
+        if any(not 0 <= t < server.tokenizer.n_words for t in ids):
+            raise ApiError(400, f"tokens: ids must be in [0, {server.tokenizer.n_words})", "tokens")
+        return {"prompt": server.tokenizer.decode(ids)}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await body_of(request)
+        prompts = _prompts(body.get("prompt"), server.tokenizer)
+        params, n = server.params(body, 16)
+        logprobs = _field(body, "logprobs", int, None, low=0, high=20)
+        echo = bool(_field(body, "echo", bool, False))
+        params.logprobs, params.prompt_logprobs = logprobs, echo and logprobs is not None
+        if body.get("stream"):
+            raise ApiError(400, "stream: streaming is available on /v1/chat/completions", "stream")
+        loop = asyncio.get_running_loop()
+        jobs = []
+        for prompt in prompts:
+            server.check_lengths(prompt, params)
+            for i in range(n):
+                p = _seeded(params, i)
+                out: asyncio.Queue = asyncio.Queue()
+                jobs.append((prompt, server.submit(prompt, p, loop, out), out))
+        choices, usage_in, usage_out = [], 0, 0
+        try:
+            for index, (prompt, req, out) in enumerate(jobs):
+                events = await _collect(out, request, req)
+                usage_in += len(prompt)
+                usage_out += len([e for e in events if e.token is not None])
+                text = "".join(e.text for e in events)
+                choice = {"index": index, "text": text, "finish_reason": _reason(events[-1]), "logprobs": None}
+                if echo:
+                    choice["text"] = server.tokenizer.decode(prompt) + text
+                if logprobs is not None:
+                    choice["logprobs"] = _completion_logprobs(server.tokenizer, prompt if echo else [], req, events)
+                choices.append(choice)
+        finally:
+            for _, req, _ in jobs:
+                req.cancel()
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": server.model_name, "choices": choices,
+                "usage": {"prompt_tokens": usage_in, "completion_tokens": usage_out,
+                          "total_tokens": usage_in + usage_out}}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await body_of(request)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "messages: expected a non-empty list of {role, content} objects", "messages")
+        try:
+            prompt = server.chat.encode_dialog_prompt([_message(m, i) for i, m in enumerate(messages)])
+        except HerdError as e:
+            raise ApiError(400, str(e), "messages") from None
+        params, n = server.params(body, server.max_total - len(prompt))
+        if "max_completion_tokens" in body:
+            params.max_tokens = _field(body, "max_completion_tokens", int, params.max_tokens, low=0,
+                                       high=server.max_total)
+        params.max_tokens = min(params.max_tokens, max(server.max_total - len(prompt), 0))
+        want_logprobs = bool(_field(body, "logprobs", bool, False))
+        top = _field(body, "top_logprobs", int, None, low=0, high=20)
+        if want_logprobs:
+            params.logprobs = top or 0
+        server.check_lengths(prompt, params)
+        loop = asyncio.get_running_loop()
+        created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
+        if body.get("stream"):
+            if n != 1:
+                raise ApiError(400, "n: streaming returns one choice (n = 1)", "n")
+            out: asyncio.Queue = asyncio.Queue()
+            req = server.submit(prompt, params, loop, out)
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(_stream_chat(server, request, req, out, cid, created, include_usage,
+                                                  want_logprobs), media_type="text/event-stream")
+        jobs = []
+        for i in range(n):
+            out = asyncio.Queue()
+            jobs.append((server.submit(prompt, _seeded(params, i), loop, out), out))
+        choices, generated = [], 0
+        try:
+            for index, (req, out) in enumerate(jobs):
+                events = await _collect(out, request, req)
+                generated += len([e for e in events if e.token is not None])
+                choice = {"index": index, "message": {"role": "assistant", "content": "".join(e.text for e in events)},
+                          "finish_reason": _reason(events[-1]), "logprobs": None}
+                if want_logprobs:
+                    choice["logprobs"] = {"content": [_chat_logprob(server.tokenizer, e) for e in events
+                                                      if e.token is not None]}
+                choices.append(choice)
+        finally:
+            for req, _ in jobs:
+                req.cancel()
+        return {"id": cid, "object": "chat.completion", "created": created, "model": server.model_name,
+                "choices": choices, "usage": {"prompt_tokens": len(prompt), "completion_tokens": generated,
+                                              "total_tokens": len(prompt) + generated}}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        from importlib.resources import files
+
+        return (files("llamaherd.serve") / "chat.html").read_text(encoding="utf-8")
+
+    return app
+
+
+async def _collect(out: asyncio.Queue, request, req) -> list[Event]:
+    events = []
+    while True:
+        try:
+            event = await asyncio.wait_for(out.get(), timeout=1.0)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                req.cancel()
+                raise ApiError(499, "the client went away") from None
+            continue
+        events.append(event)
+        if event.finish_reason is not None:
+            if event.finish_reason == "error":
+                raise ApiError(500, f"the engine failed on this request: {event.error}", kind="server_error")
+            return events
+
+
+async def _stream_chat(server, request, req, out, cid, created, include_usage, want_logprobs):
+    def chunk(delta: dict, finish=None, logprobs=None, usage=None) -> str:
+        body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": server.model_name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
+        if include_usage:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    generated = 0
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        while True:
+            try:
+                event = await asyncio.wait_for(out.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return
+                continue
+            if event.token is not None:
+                generated += 1
+            lp = {"content": [_chat_logprob(server.tokenizer, event)]} if want_logprobs and event.token is not None \
+                else None
+            if event.text or lp:
+                yield chunk({"content": event.text}, logprobs=lp)
+            if event.finish_reason is not None:
+                yield chunk({}, finish=_reason(event))
+                if include_usage:
+                    n = len(req.prompt)
+                    usage = {"prompt_tokens": n, "completion_tokens": generated, "total_tokens": n + generated}
+                    body = {"id": cid, "object": "chat.completion.chunk", "created": created,
+                            "model": server.model_name, "choices": [], "usage": usage}
+                    yield f"data: {json.dumps(body)}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+    finally:
+        req.cancel()  # a client gone mid-stream frees its slot at once
+
+
+def _reason(event: Event) -> str:
+    return {"stop": "stop", "length": "length"}.get(event.finish_reason, "stop")
+
+
+def _seeded(params: SamplingParams, i: int) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(params, seed=None if params.seed is None else params.seed + i, stop=list(params.stop))
+
+
+def _prompts(prompt, tokenizer) -> list[list[int]]:
+    """A completion prompt: a string, a list of strings, a list of token ids, or a list of such lists."""
+    if isinstance(prompt, str):
+        return [tokenizer.encode(prompt, bos=True)]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return [list(prompt)]
+        if all(isinstance(p, str) for p in prompt):
+            return [tokenizer.encode(p, bos=True) for p in prompt]
+        if all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+               for p in prompt):
+            return [list(p) for p in prompt]
+    raise ApiError(400, "prompt: expected a string, a list of strings, a list of token ids or a list of such lists",
+                   "prompt")
+
+
+def _message(m, i: int) -> dict:
+    if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "ipython", "tool"):
+        raise ApiError(400, f"messages[{i}]: expected an object with role system, user, assistant or tool",
+                       "messages")
+    content = m.get("content")
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
+                   for c in content):
+            raise ApiError(400, f"messages[{i}].content: only text parts are supported", "messages")
+        content = "".join(c["text"] for c in content)
+    if not isinstance(content, str):
+        raise ApiError(400, f"messages[{i}].content: expected a string", "messages")
+    role = "ipython" if m["role"] == "tool" else m["role"]
+    return {"role": role, "content": content}
+
+
+def _token_text(tokenizer, token: int) -> str:
+    return tokenizer.decode_bytes([token]).decode("utf-8", errors="replace")
+
+
+def _chat_logprob(tokenizer, event: Event) -> dict:
+    text = _token_text(tokenizer, event.token)
+    return {"token": text, "logprob": event.logprob, "bytes": list(text.encode()),
+            "top_logprobs": [{"token": _token_text(tokenizer, t), "logprob": lp, "bytes": list(_token_text(
+                tokenizer, t).encode())} for t, lp in (event.top_logprobs or {}).items()]}
+
+
+def _completion_logprobs(tokenizer, prompt: list[int], req, events: list[Event]) -> dict:
+    """The legacy completions ``logprobs`` object: tokens, token_logprobs, top_logprobs, text_offset."""
+    tokens, token_logprobs, tops = [], [], []
+    for i, t in enumerate(prompt):
+        tokens.append(t)
+        token_logprobs.append(req.prompt_logprobs[i] if i < len(req.prompt_logprobs) else None)
+        top = req.prompt_top[i] if i < len(req.prompt_top) else None
+        tops.append(None if top is None else {_token_text(tokenizer, k): v for k, v in top.items()})
+    for e in events:
+        if e.token is None:
+            continue
+        tokens.append(e.token)
+        token_logprobs.append(e.logprob)
+        tops.append({_token_text(tokenizer, k): v for k, v in (e.top_logprobs or {}).items()})
+    texts = [_token_text(tokenizer, t) for t in tokens]
+    offsets, at = [], 0
+    for text in texts:
+        offsets.append(at)
+        at += len(text)
+    return {"tokens": texts, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}

@@ -1,0 +1,47 @@
+"""`herd serve CKPT`: the OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="serve a checkpoint over an OpenAI-compatible HTTP API",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve any checkpoint llamaherd.load reads (a run directory, a Meta or Hugging Face Llama 3)\n"
+                    "with continuous batching over a paged KV cache: /v1/completions, /v1/chat/completions\n"
+                    "(streaming), /v1/models, /tokenize, /detokenize, /health, /metrics, and a chat page at /.\n"
+                    "SIGTERM (Ctrl-C) finishes the running requests, then exits. Needs the serve extra\n"
+                    "(pip install 'llamaherd[serve]').",
+        epilog="example: herd serve runs/tiny --port 8000\n"
+               "         then: OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='none')")
+    p.add_argument("checkpoint", help="a checkpoint directory or a training run directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on the API")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond that (then 429)")
+    p.add_argument("--kv-blocks", type=int, default=1024, help="KV-cache blocks of --block-size positions")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt accepted (400 beyond)")
+    p.add_argument("--max-total-tokens", type=int, default=None, help="most prompt + generated tokens a request")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take (default 600)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
+    p.add_argument("--name", default=None, help="the model's name in the API (default: the directory's name)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    from llamaherd.errors import HerdError
+    from llamaherd.serve.app import serve
+
+    for name in ("max_batch", "max_queue", "kv_blocks", "block_size"):
+        if getattr(args, name) < 1:
+            raise HerdError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected 1 or more")
+    serve(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
+          max_queue=args.max_queue, kv_blocks=args.kv_blocks, block_size=args.block_size,
+          max_prompt_tokens=args.max_prompt_tokens, max_total_tokens=args.max_total_tokens, timeout=args.timeout,
+          dtype=args.dtype, device=args.device, name=args.name)
+    return 0

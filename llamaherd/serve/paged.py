@@ -1,0 +1,98 @@
+"""A KV cache in fixed-size blocks (paged): memory for what each request has, not for its maximum length.
+
+    pool = BlockPool(model.args, n_blocks=512, block_size=16)
+    table = pool.allocate(n)                 # block ids for n positions (None when the pool is short)
+    cache = pool.view([table_a, table_b])    # a model.KVCache over those requests' blocks, one row each
+    logits = model(tokens, positions, mask=..., cache=cache)
+    pool.free(table_a)
+
+Per layer, keys and values live in one pool of ``n_blocks x block_size`` slots of ``[n_kv_heads,
+head_dim]``; position ``p`` of a request is slot ``p % block_size`` of block ``table[p // block_size]``.
+A forward writes each row's new keys and values to their slots, then gathers every row's slots (padded
+to the longest row, masked) and attends with the model's own attention function.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from llamaherd.model.args import ModelArgs
+from llamaherd.model.transformer import attention
+
+
+class BlockPool:
+    """The blocks of every layer, and which are free."""
+
+    def __init__(self, args: ModelArgs, n_blocks: int, block_size: int = 16, dtype=torch.float32, device=None):
+        if n_blocks < 1 or block_size < 1:
+            raise ValueError("n_blocks and block_size must be at least 1")
+        self.n_blocks, self.block_size = n_blocks, block_size
+        shape = (n_blocks * block_size, args.n_kv_heads, args.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self._free = list(range(n_blocks - 1, -1, -1))  # a stack: the lowest ids first
+        self._lock = threading.Lock()
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def used_blocks(self) -> int:
+        return self.n_blocks - len(self._free)
+
+    def blocks_for(self, positions: int) -> int:
+        return -(-positions // self.block_size)
+
+    def allocate(self, positions: int, table: list[int] | None = None) -> list[int] | None:
+        """Grow ``table`` (or a new one) to hold ``positions`` positions; None, and nothing taken, when short."""
+        table = [] if table is None else table
+        need = self.blocks_for(positions) - len(table)
+        with self._lock:
+            if need > len(self._free):
+                return None
+            table.extend(self._free.pop() for _ in range(max(need, 0)))
+        return table
+
+    def free(self, table: list[int]) -> None:
+        with self._lock:
+            self._free.extend(reversed(table))
+        table.clear()
+
+    def view(self, tables: list[list[int]], lengths: list[int]) -> "PagedView":
+        """A cache over these requests' blocks for one forward; ``lengths``: the positions each row will hold
+        after it (its tokens so far, the new ones included)."""
+        return PagedView(self, tables, lengths)
+
+
+class PagedView:
+    """``model.KVCache`` over some requests' blocks (row ``b`` is request ``b``), for one forward."""
+
+    def __init__(self, pool: BlockPool, tables: list[list[int]], lengths: list[int]):
+        self.pool = pool
+        device = pool.k[0].device
+        bs = pool.block_size
+        longest = max(lengths)
+        # the slot of every position of every row (padding: slot 0, masked out)
+        index = torch.zeros(len(tables), longest, dtype=torch.long)
+        for b, (table, n) in enumerate(zip(tables, lengths, strict=True)):
+            pos = torch.arange(n)
+            index[b, :n] = torch.tensor(table, dtype=torch.long)[pos // bs] * bs + pos % bs
+        self.index = index.to(device)
+        self.lengths = torch.tensor(lengths, device=device)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+               mask) -> torch.Tensor:
+        """Write the rows' new keys and values at ``positions`` [B, S], then attend over each row's slots:
+        causally by position, never past the row's length."""
+        b, h_kv, s, d = k.shape
+        slots = self.index.gather(1, positions)  # [B, S]
+        self.pool.k[layer][slots.reshape(-1)] = k.transpose(1, 2).reshape(-1, h_kv, d)
+        self.pool.v[layer][slots.reshape(-1)] = v.transpose(1, 2).reshape(-1, h_kv, d)
+        keys = self.pool.k[layer][self.index].transpose(1, 2)  # [B, H_kv, T, D]
+        values = self.pool.v[layer][self.index].transpose(1, 2)
+        t = torch.arange(self.index.shape[1], device=q.device)
+        allowed = (t[None, None, :] <= positions[:, :, None]) & (t[None, None, :] < self.lengths[:, None, None])
+        return attention(q, keys, values, allowed[:, None], causal=False)

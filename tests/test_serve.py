@@ -1,0 +1,192 @@
+"""`herd serve`: a real server on loopback, driven by the official `openai` client and plain HTTP."""
+
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+from llamaherd.generation import generate
+from llamaherd.model.args import preset
+from llamaherd.model.transformer import Transformer
+from llamaherd.tokenizer import Tokenizer
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+from llamaherd.serve.app import running_server  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    """A small random model with a byte-level tokenizer: its greedy outputs are varied enough to compare."""
+    tok = Tokenizer.from_ranks({bytes([i]): i for i in range(256)})
+    args = preset("tiny", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.n_words, multiple_of=32)
+    model = Transformer(args)
+    model.init_rope()
+    model.init_weights(std=0.5, seed=3)  # large weights: outputs that depend on the prompt
+    return model.eval(), tok
+
+
+@pytest.fixture(scope="module")
+def server(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    with running_server(model, tok, "tiny", kv_blocks=256, block_size=8, max_batch=16, api_key="sesame") as s:
+        yield s
+
+
+def client(server, key="sesame"):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=key, max_retries=0)
+
+
+def greedy(model, tok, prompt_ids, n):
+    out = generate(model, [prompt_ids], max_new_tokens=n, temperature=0.0, stop_tokens=tok.stop_tokens)[0]
+    return [t for t in out if t not in tok.stop_tokens]
+
+
+PROMPTS = ["def main():", "The quick brown fox", "import os\n", "x = 1 + "]
+
+
+def test_completions_equal_herd_generate(server, model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    c = client(server)
+    assert [m.id for m in c.models.list().data] == ["tiny"]
+    for prompt in PROMPTS:
+        r = c.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+        want = tok.decode(greedy(model, tok, tok.encode(prompt, bos=True), 12))
+        assert r.choices[0].text == want, prompt
+        assert r.usage.prompt_tokens == len(tok.encode(prompt, bos=True))
+    # a list of prompts, and token ids
+    r = c.completions.create(model="tiny", prompt=PROMPTS[:2], max_tokens=5, temperature=0)
+    assert [ch.index for ch in r.choices] == [0, 1]
+    ids = tok.encode(PROMPTS[0], bos=True)
+    assert c.completions.create(model="tiny", prompt=ids, max_tokens=5, temperature=0).choices[0].text == \
+        r.choices[0].text
+
+
+def test_chat_streaming_and_not_agree(server, model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    from llamaherd.tokenizer.chat import ChatFormat
+
+    c = client(server)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    whole = c.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0)
+    chunks = list(c.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert streamed == whole.choices[0].message.content
+    prompt = ChatFormat(tok).encode_dialog_prompt(messages)
+    assert whole.choices[0].message.content == tok.decode(greedy(model, tok, prompt, 16))
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == whole.choices[0].finish_reason
+
+
+def test_logprobs_are_the_model_s(server, model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    c = client(server)
+    r = c.completions.create(model="tiny", prompt="abcd", max_tokens=3, temperature=0, logprobs=3, echo=True)
+    lp = r.choices[0].logprobs
+    ids = tok.encode("abcd", bos=True)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids]))[0].float(), -1)
+    want = [None] + [float(logp[i, ids[i + 1]]) for i in range(len(ids) - 1)]
+    assert lp.token_logprobs[: len(ids)][0] is None
+    assert lp.token_logprobs[1: len(ids)] == pytest.approx(want[1:], abs=1e-4)
+    assert len(lp.tokens) == len(ids) + 3 and all(len(t) == 3 for t in lp.top_logprobs[len(ids):])
+    chat = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                     temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert content and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+
+
+def test_stop_strings_are_never_sent(server, model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    c = client(server)
+    full = c.completions.create(model="tiny", prompt="def main():", max_tokens=20, temperature=0).choices[0].text
+    stop = full[5:7]
+    assert stop and stop in full
+    r = c.completions.create(model="tiny", prompt="def main():", max_tokens=20, temperature=0, stop=[stop])
+    assert r.choices[0].text == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
+    messages = [{"role": "user", "content": "def main():"}]
+    full = c.chat.completions.create(model="tiny", messages=messages, max_tokens=20, temperature=0)
+    text = full.choices[0].message.content
+    if len(text) > 6:
+        stop = text[3:6]
+        parts = [ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=20, temperature=0, stop=stop, stream=True) if ch.choices]
+        assert "".join(parts) == text[: text.index(stop)]
+
+
+def test_concurrent_streams_equal_their_sequential_outputs_and_the_batch_grows(server, model_and_tokenizer):
+    c = client(server)
+    prompts = [f"{i} + {i * 7} = " for i in range(32)]
+    sequential = [c.completions.create(model="tiny", prompt=p, max_tokens=10, temperature=0).choices[0].text
+                  for p in prompts]
+    results = [None] * len(prompts)
+
+    def one(i):
+        stream = client(server).chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": prompts[i]}], max_tokens=10, temperature=0,
+            stream=True)
+        results[i] = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+
+    chats = [c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": p}], max_tokens=10,
+                                       temperature=0).choices[0].message.content for p in prompts]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results == chats  # every stream complete, in order, as when sent one at a time
+    assert all(isinstance(s, str) for s in sequential)
+    engine = server[2]
+    assert max(engine.batch_sizes) > 1  # the batch really grew
+    metrics = urllib.request.urlopen(server[0] + "/metrics").read().decode()
+    assert "herd_batch_size_max" in metrics and "herd_kv_blocks_used 0.0" in metrics
+    assert engine.pool.used_blocks == 0  # every block free again
+
+
+def post(server, path, body, key="sesame", raw=None):
+    req = urllib.request.Request(server[0] + path, data=raw if raw is not None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json",
+                                          **({"Authorization": f"Bearer {key}"} if key else {})})
+    try:
+        with urllib.request.urlopen(req) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_auth_limits_and_bad_input_are_4xx_and_the_server_keeps_serving(server):
+    assert post(server, "/v1/completions", {"prompt": "x"}, key=None)[0] == 401
+    assert post(server, "/v1/completions", {"prompt": "x"}, key="wrong")[0] == 401
+    cases = [
+        ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+        ({"prompt": "x", "temperature": "hot"}, 400, "temperature"),
+        ({"prompt": "x", "model": "gpt-9"}, 404, "does not exist"),
+        ({"prompt": 5}, 400, "prompt"),
+        ({"prompt": [1, 2, 10**9]}, 400, "token ids"),
+        ({"prompt": "x" * 5000, "max_tokens": 1}, 400, "tokens"),
+        ({"prompt": "x", "stop": [1]}, 400, "stop"),
+    ]
+    for body, status, words in cases:
+        code, answer = post(server, "/v1/completions", body)
+        assert code == status and words in answer["error"]["message"], (body, answer)
+    assert post(server, "/v1/chat/completions", {"messages": "hi"})[0] == 400
+    assert post(server, "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]})[0] == 400
+    code, answer = post(server, "/v1/completions", None, raw=b"{not json")
+    assert code == 400 and "not valid JSON" in answer["error"]["message"]
+    code, answer = post(server, "/v1/completions", {"prompt": "still here", "max_tokens": 2, "temperature": 0})
+    assert code == 200 and answer["choices"][0]["finish_reason"] in ("length", "stop")
+    assert post(server, "/tokenize", {"prompt": "ab"})[1]["tokens"][1:] == [97, 98]
+    assert post(server, "/detokenize", {"tokens": [97, 98]})[1]["prompt"] == "ab"
+    assert urllib.request.urlopen(server[0] + "/health").status == 200
+
+
+def test_a_full_queue_is_429_with_retry_after(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    with running_server(model, tok, "tiny", kv_blocks=8, block_size=8, max_batch=1, max_queue=0) as s:
+        code, answer = post(s, "/v1/completions", {"prompt": "x", "max_tokens": 2})
+        assert code == 429 and "queue is full" in answer["error"]["message"]
