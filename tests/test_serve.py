@@ -190,3 +190,66 @@ def test_a_full_queue_is_429_with_retry_after(model_and_tokenizer):
     with running_server(model, tok, "tiny", kv_blocks=8, block_size=8, max_batch=1, max_queue=0) as s:
         code, answer = post(s, "/v1/completions", {"prompt": "x", "max_tokens": 2})
         assert code == 429 and "queue is full" in answer["error"]["message"]
+
+
+def test_a_client_that_goes_away_frees_its_slot_at_once(server):
+    import time
+
+    engine = server[2]
+    before = engine.stats["finished_cancelled"]
+    stream = client(server).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "go on"}], max_tokens=400, temperature=0, stream=True)
+    next(iter(stream))  # the stream is under way
+    stream.close()
+    t0 = time.perf_counter()
+    while (engine.stats["finished_cancelled"] == before or engine.pool.used_blocks) and time.perf_counter() - t0 < 10:
+        time.sleep(0.05)
+    assert engine.stats["finished_cancelled"] == before + 1 and engine.pool.used_blocks == 0
+
+
+def test_herd_serve_serves_a_checkpoint_and_drains_on_sigterm(model_and_tokenizer, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from llamaherd.checkpoint import save
+    from llamaherd.serve.app import free_port
+
+    model, tok = model_and_tokenizer
+    save(model, tmp_path / "ckpt", layout="herd", tokenizer=tok)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llamaherd", "serve", str(tmp_path / "ckpt"), "--port", str(port),
+                             "--name", "tiny"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.perf_counter()
+        while True:
+            try:
+                if urllib.request.urlopen(url + "/health").status == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            assert time.perf_counter() - t0 < 60 and proc.poll() is None, proc.stderr.read() if proc.poll() else ""
+            time.sleep(0.1)
+        result = {}
+
+        def ask():
+            result["answer"] = post((url, None, None), "/v1/completions",
+                                    {"prompt": "def main():", "max_tokens": 480, "temperature": 0}, key=None)
+
+        thread = threading.Thread(target=ask)
+        thread.start()
+        time.sleep(0.3)  # the request is running
+        proc.send_signal(signal.SIGTERM)
+        thread.join(timeout=60)
+        code, answer = result["answer"]
+        assert code == 200 and answer["choices"][0]["finish_reason"] in ("length", "stop")  # finished, not cut off
+        # uvicorn finishes the open requests, then ends the process by the signal it was sent
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert "Finished server process" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -80,7 +80,8 @@ class Server:
             top_p=_field(body, "top_p", float, 1.0, low=0.0, high=1.0),
             top_k=_field(body, "top_k", int, None, low=1),
             seed=_field(body, "seed", int, None),
-            stop=stop)
+            stop=stop,
+            stop_tokens=not _field(body, "ignore_eos", bool, False))  # vLLM's extension: generate max_tokens
         if params.top_p == 0.0:
             params.top_p = 1e-9
         return params, n
