@@ -25,7 +25,7 @@ def _need_serve_extra():
 
 
 def build(model, tokenizer, name: str = "llamaherd", *, max_batch: int = 16, max_queue: int = 256,
-          kv_blocks: int = 1024, block_size: int = 16, api_key: str | None = None,
+          kv_blocks: int = 1024, block_size: int = 16, api_key: str | None = None, threads: int | None = 1,
           max_prompt_tokens: int | None = None, max_total_tokens: int | None = None, timeout: float | None = 600.0):
     """(the FastAPI app, its engine, started) for ``model`` and ``tokenizer``."""
     _need_serve_extra()
@@ -35,7 +35,7 @@ def build(model, tokenizer, name: str = "llamaherd", *, max_batch: int = 16, max
     if tokenizer is None:
         raise HerdError("this checkpoint has no tokenizer: a server needs one (tokenizer.model beside the weights)")
     engine = Engine(model, tokenizer, max_batch=max_batch, kv_blocks=kv_blocks, block_size=block_size,
-                    max_queue=max_queue).start()
+                    max_queue=max_queue, threads=threads).start()
     app = create_app(engine, name, api_key=api_key, max_prompt_tokens=max_prompt_tokens,
                      max_total_tokens=max_total_tokens, request_timeout=timeout)
     app.state.server.ready = True

@@ -30,6 +30,7 @@ def register(sub) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
     p.add_argument("--name", default=None, help="the model's name in the API (default: the directory's name)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for the engine (default 1; 0: torch's)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -43,5 +44,5 @@ def cmd_serve(args) -> int:
     serve(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
           max_queue=args.max_queue, kv_blocks=args.kv_blocks, block_size=args.block_size,
           max_prompt_tokens=args.max_prompt_tokens, max_total_tokens=args.max_total_tokens, timeout=args.timeout,
-          dtype=args.dtype, device=args.device, name=args.name)
+          dtype=args.dtype, device=args.device, name=args.name, threads=args.threads or None)
     return 0

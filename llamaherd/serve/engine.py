@@ -109,13 +109,17 @@ class Engine:
     """Continuous batching of requests over one model and a paged KV cache (see the module's docstring)."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 16, kv_blocks: int = 1024, block_size: int = 16,
-                 max_queue: int = 256):
+                 max_queue: int = 256, threads: int | None = 1):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.args = model.args
         param = next(model.parameters())
         self.device = param.device
         self.pool = BlockPool(self.args, kv_blocks, block_size, dtype=param.dtype, device=self.device)
         self.max_batch, self.max_queue = max_batch, max_queue
+        # CPU threads of the engine's own thread. One by default: torch's OpenMP team run from a second Python
+        # thread was 2x slower with two threads than with one on a 2-core machine (docs/serving.md), and on a
+        # small model batching pays more than threads
+        self.threads = threads
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.stop_ids = set(tokenizer.stop_tokens)
@@ -175,6 +179,8 @@ class Engine:
     # --- the loop ----------------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        if self.threads and self.device.type == "cpu":
+            torch.set_num_threads(self.threads)
         while True:
             with self._wake:
                 while not self._stopping and not self.waiting and not self.running:
