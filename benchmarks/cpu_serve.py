@@ -4,14 +4,15 @@
 A small model (``--dim``, a byte-level vocabulary) with seeded random weights, float32. Each request is a
 short prompt and ``--tokens`` greedy tokens (stop tokens ignored, so every request generates them all).
 
-  served, 16 concurrent     a real server on loopback, 16 client threads (official openai client)
+  served, 16 concurrent     `herd serve` on loopback, 16 client threads at once (then again, streamed)
   served, one at a time     the same server, the same requests in turn
   HF generate, batch 16     LlamaForCausalLM.generate on the 16 prompts (left-padded), same weights
   ceiling                   the model alone: a batched decode step of 16 rows against 16 one-row steps, over
                             the paged cache (what batching can give at most)
 
-Also time to first token and inter-token latency p50 / p99 under the concurrent load (from the server's
-own histograms' raw observations).
+The server is `herd serve` in a process of its own; the clients stream chat completions (official openai
+client, one thread each) and time their first token and the gaps between tokens: p50 / p99 under the
+concurrent load.
 
     python benchmarks/cpu_serve.py                      # dim 128, 4 layers, 16 clients x 64 tokens
     python benchmarks/cpu_serve.py --preset tiny        # the tiny preset (dim 256)
@@ -20,9 +21,15 @@ own histograms' raw observations).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+import urllib.request
+from pathlib import Path
 
 import torch
 from common import build_hf, build_ours, fmt_table, machine, print_machine, write_json
@@ -44,7 +51,6 @@ def main() -> None:
     print_machine(machine())
     from openai import OpenAI
 
-    from llamaherd.serve.app import running_server
     from llamaherd.serve.paged import BlockPool
 
     tok = Tokenizer.from_ranks({bytes([i]): i for i in range(256)})
@@ -54,38 +60,53 @@ def main() -> None:
         args = preset("tiny", dim=a.dim, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=tok.n_words, multiple_of=32)
     model = build_ours(args).eval()
     prompts = [f"request {i}: def f{i}(x):" for i in range(a.clients)]
-    body = dict(max_tokens=a.tokens, temperature=0)
     results = {}
-    observed: dict[str, list[float]] = {"ttft": [], "itl": []}
-    with running_server(model, tok, "bench", max_batch=a.clients, kv_blocks=4096, block_size=16) as (url, _, engine):
-        engine.observers.append(lambda name, s: observed[name].append(s))
+    latency: dict[str, list[float]] = {"ttft": [], "itl": []}
+    with tempfile.TemporaryDirectory() as tmp, serving(model, tok, Path(tmp), a.clients) as url:
         client = OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
 
-        def one(prompt):
-            # the model's stop tokens are ignored by asking for them as ordinary tokens: a random model
-            # stops early otherwise; the same for every contender
-            r = client.completions.create(model="bench", prompt=prompt, **body, extra_body={"ignore_eos": True})
-            return r.usage.completion_tokens
+        def one(prompt, record=False):
+            """A chat request of exactly --tokens tokens (streamed when ``record``: its first-token and
+            between-token latencies are kept); its generated tokens."""
+            if not record:
+                r = client.chat.completions.create(model="bench", messages=[{"role": "user", "content": prompt}],
+                                                   max_tokens=a.tokens, temperature=0, extra_body={"ignore_eos": True})
+                return r.usage.completion_tokens
+            t0 = time.perf_counter()
+            stamps, usage = [], None
+            for chunk in client.chat.completions.create(
+                    model="bench", messages=[{"role": "user", "content": prompt}], max_tokens=a.tokens,
+                    temperature=0, stream=True, stream_options={"include_usage": True},
+                    extra_body={"ignore_eos": True}):
+                if chunk.usage is not None:
+                    usage = chunk.usage.completion_tokens
+                elif chunk.choices and chunk.choices[0].delta.content:
+                    stamps.append(time.perf_counter())
+            if record and stamps:
+                latency["ttft"].append(stamps[0] - t0)
+                latency["itl"].extend(b - a for a, b in zip(stamps, stamps[1:]))
+            return usage
 
         one(prompts[0])  # warm-up
         t0 = time.perf_counter()
         seq_tokens = sum(one(pr) for pr in prompts)
         results["served, one at a time"] = seq_tokens / (time.perf_counter() - t0)
-        observed = {"ttft": [], "itl": []}
-        counts = [0] * a.clients
+        for record, name in ((False, f"served, {a.clients} concurrent"),
+                             (True, f"served, {a.clients} concurrent, streamed")):
+            counts = [0] * a.clients
 
-        def worker(i):
-            counts[i] = one(prompts[i])
+            def worker(i, record=record, counts=counts):
+                counts[i] = one(prompts[i], record=record)
 
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(a.clients)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        results[f"served, {a.clients} concurrent"] = sum(counts) / (time.perf_counter() - t0)
+            threads = [threading.Thread(target=worker, args=(i,)) for i in range(a.clients)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            results[name] = sum(counts) / (time.perf_counter() - t0)
         latency = {name: (statistics.quantiles(xs, n=100)[49], statistics.quantiles(xs, n=100)[98])
-                   for name, xs in observed.items() if len(xs) > 2}
+                   for name, xs in latency.items() if len(xs) > 2}
     # HF generate on the same batch
     try:
         hf = build_hf(model).eval()
@@ -131,6 +152,31 @@ def main() -> None:
         print(f"{name}: p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms")
     write_json(a.out, {"machine": machine(), "results": results,
                        "latency_ms": {k: [v[0] * 1e3, v[1] * 1e3] for k, v in latency.items()}})
+
+
+@contextlib.contextmanager
+def serving(model, tok, tmp: Path, batch: int):
+    """`herd serve` on ``model`` (saved to ``tmp``) as a process of its own, on a free loopback port."""
+    from llamaherd.checkpoint import save
+    from llamaherd.serve.app import free_port
+
+    save(model, tmp / "ckpt", layout="herd", tokenizer=tok)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llamaherd", "serve", str(tmp / "ckpt"), "--port", str(port),
+                             "--name", "bench", "--max-batch", str(batch), "--kv-blocks", "4096"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if urllib.request.urlopen(url + "/health").status == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
 def _timed(fn) -> float:

@@ -226,8 +226,9 @@ class Engine:
         positions = torch.tensor([[r.length - 1] for r in live], device=self.device)
         cache = self.pool.view([r.table for r in live], [r.length for r in live])
         logits = self.model(tokens, positions, mask=None, cache=cache)[:, -1]
-        for r, row in zip(live, logits, strict=True):
-            self._next(r, row)
+        greedy = logits.argmax(dim=-1).tolist()  # every greedy row's token at once
+        for r, row, best in zip(live, logits, greedy, strict=True):
+            self._next(r, row, best if r.params.temperature <= 0 else None)
 
     def _prefill(self, r: Request) -> None:
         n = len(r.prompt)
@@ -243,10 +244,12 @@ class Engine:
         self.stats["prompt_tokens"] += n
         self._next(r, logits[0, -1])
 
-    def _next(self, r: Request, logits: torch.Tensor) -> None:
-        """Sample request ``r``'s next token from its ``logits`` [vocab]; send what can be sent; finish it?"""
+    def _next(self, r: Request, logits: torch.Tensor, token: int | None = None) -> None:
+        """Sample request ``r``'s next token from its ``logits`` [vocab] (or take ``token``, already chosen);
+        send what can be sent; finish it?"""
         p = r.params
-        token = int(sample(logits[None], p.temperature, p.top_p, p.top_k, r.generator)[0])
+        if token is None:
+            token = int(sample(logits[None], p.temperature, p.top_p, p.top_k, r.generator)[0])
         logprob = top = None
         if p.logprobs is not None:
             logp = torch.log_softmax(logits.float(), dim=-1)

@@ -75,11 +75,11 @@ class PagedView:
         device = pool.k[0].device
         bs = pool.block_size
         longest = max(lengths)
-        # the slot of every position of every row (padding: slot 0, masked out)
-        index = torch.zeros(len(tables), longest, dtype=torch.long)
-        for b, (table, n) in enumerate(zip(tables, lengths, strict=True)):
-            pos = torch.arange(n)
-            index[b, :n] = torch.tensor(table, dtype=torch.long)[pos // bs] * bs + pos % bs
+        # the slot of every position of every row (padding: block 0's slots, masked out)
+        width = max(len(t) for t in tables)
+        blocks = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+        pos = torch.arange(longest)
+        index = blocks[:, pos // bs] * bs + pos % bs
         self.index = index.to(device)
         self.lengths = torch.tensor(lengths, device=device)
 
