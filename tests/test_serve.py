@@ -253,3 +253,36 @@ def test_herd_serve_serves_a_checkpoint_and_drains_on_sigterm(model_and_tokenize
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_lm_evaluation_harness_scores_a_task_with_the_model_s_log_likelihoods(model_and_tokenizer, tmp_path):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    model, tok = model_and_tokenizer
+    docs = [{"question": "2 + 2 =", "choices": ["4", "5", "22"], "answer": 0},
+            {"question": "The capital of France is", "choices": ["Paris", "Rome"], "answer": 0},
+            {"question": "def f(x): return", "choices": ["x", "None", "x + 1"], "answer": 2}]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "herd_mc.yaml").write_text(
+        "task: herd_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'docs.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n"
+        "metric_list:\n  - metric: acc\n")
+    with running_server(model, tok, "tiny", kv_blocks=256, block_size=8) as (url, _, _):
+        out = lm_eval.simple_evaluate(
+            model="local-completions", tasks=["herd_mc"], task_manager=TaskManager(include_path=str(tmp_path)),
+            model_args=f"base_url={url}/v1/completions,model=tiny,tokenizer_backend=remote,num_concurrent=1,"
+                       "max_retries=1", log_samples=True)
+    samples = sorted(out["samples"]["herd_mc"], key=lambda s: s["doc_id"])
+    assert len(samples) == len(docs) and "acc,none" in out["results"]["herd_mc"]
+    for doc, sample in zip(docs, samples, strict=True):
+        context = tok.encode(doc["question"], allowed_special="all")
+        for choice, resp in zip(doc["choices"], sample["resps"], strict=True):
+            # the harness's request: the context, then " " + the choice (its target delimiter), encoded whole
+            cont = tok.encode(doc["question"] + " " + choice, allowed_special="all")[len(context):]
+            ids = torch.tensor([context + cont])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids)[0].float(), -1)
+            want = sum(float(logp[len(context) - 1 + i, t]) for i, t in enumerate(cont))
+            assert resp[0][0] == pytest.approx(want, abs=1e-4), (doc["question"], choice)

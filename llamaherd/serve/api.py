@@ -133,7 +133,7 @@ def create_app(engine: Engine, model_name: str, **limits: Any):
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
-        if server.api_key and request.url.path.startswith(("/v1", "/tokenize", "/detokenize")):
+        if server.api_key and request.url.path.startswith(("/v1", "/tokenize", "/detokenize", "/tokenizer_info")):
             if request.headers.get("authorization") != f"Bearer {server.api_key}":
                 return error(401, "invalid or missing API key (Authorization: Bearer ...)",
                              kind="authentication_error")
@@ -174,8 +174,15 @@ def create_app(engine: Engine, model_name: str, **limits: Any):
         text = body.get("prompt", body.get("text"))
         if not isinstance(text, str):
             raise ApiError(400, "prompt: expected a string", "prompt")
-        ids = server.tokenizer.encode(text, bos=bool(body.get("add_special_tokens", True)))
+        # special tokens written in the text are those tokens, as Hugging Face tokenizers (and vLLM) read them
+        ids = server.tokenizer.encode(text, bos=bool(body.get("add_special_tokens", True)), allowed_special="all")
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_context()}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        """What lm-evaluation-harness's remote tokenizer asks for (vLLM's endpoint of the same name)."""
+        return {"eos_token": "<|end_of_text|>", "bos_token": "<|begin_of_text|>", "pad_token": None,
+                "model_max_length": engine.max_context(), "tokenizer_class": "llamaherd"}
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
