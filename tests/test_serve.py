@@ -286,3 +286,32 @@ def test_lm_evaluation_harness_scores_a_task_with_the_model_s_log_likelihoods(mo
                 logp = torch.log_softmax(model(ids)[0].float(), -1)
             want = sum(float(logp[len(context) - 1 + i, t]) for i, t in enumerate(cont))
             assert resp[0][0] == pytest.approx(want, abs=1e-4), (doc["question"], choice)
+
+
+@pytest.fixture(scope="module")
+def fuzz_url(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    with running_server(model, tok, "tiny", kv_blocks=128, block_size=8, max_total_tokens=48, max_batch=4,
+                        max_queue=64) as (url, _, engine):
+        yield url, engine
+
+
+def test_a_schema_fuzz_run_finds_no_5xx_and_no_dead_engine(fuzz_url):
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+
+    url, engine = fuzz_url
+    schema = schemathesis.openapi.from_url(url + "/openapi.json")
+    seen = []
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(case=schema.as_strategy())
+    def check(case):
+        response = case.call(timeout=60)
+        seen.append((case.operation.label, response.status_code))
+        assert response.status_code < 500, (case.operation.label, case.body, response.text)
+
+    check()
+    operations = {label for label, _ in seen}
+    assert {"POST /v1/completions", "POST /v1/chat/completions", "POST /tokenize"} <= operations
+    assert engine._thread.is_alive() and urllib.request.urlopen(url + "/health").status == 200

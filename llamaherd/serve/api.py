@@ -110,6 +110,37 @@ class Server:
             raise ApiError(400, str(e)) from None
 
 
+# the request bodies, as the OpenAPI description (/openapi.json) documents them (the routes read raw JSON and
+# check every field themselves, so that a wrong one is a 400 naming it, in OpenAI's error shape)
+_SAMPLING = {"model": {"type": "string"}, "max_tokens": {"type": "integer", "minimum": 0},
+             "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+             "top_p": {"type": "number", "minimum": 0, "maximum": 1}, "top_k": {"type": "integer", "minimum": 1},
+             "n": {"type": "integer", "minimum": 1, "maximum": 16}, "seed": {"type": "integer"},
+             "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]},
+             "ignore_eos": {"type": "boolean"}, "stream": {"type": "boolean"}}
+_COMPLETION = {"type": "object", "required": ["prompt"], "properties": {
+    **_SAMPLING, "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}},
+                                      {"type": "array", "items": {"type": "integer"}},
+                                      {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}}]},
+    "logprobs": {"type": "integer", "minimum": 0, "maximum": 20}, "echo": {"type": "boolean"}}}
+_CHAT = {"type": "object", "required": ["messages"], "properties": {
+    **_SAMPLING, "messages": {"type": "array", "minItems": 1, "items": {
+        "type": "object", "required": ["role", "content"],
+        "properties": {"role": {"type": "string", "enum": ["system", "user", "assistant", "tool"]},
+                       "content": {"type": "string"}}}},
+    "logprobs": {"type": "boolean"}, "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
+    "max_completion_tokens": {"type": "integer", "minimum": 0},
+    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}}}}
+_TOKENIZE = {"type": "object", "required": ["prompt"], "properties": {
+    "prompt": {"type": "string"}, "add_special_tokens": {"type": "boolean"}, "model": {"type": "string"}}}
+_DETOKENIZE = {"type": "object", "required": ["tokens"], "properties": {
+    "tokens": {"type": "array", "items": {"type": "integer"}}, "model": {"type": "string"}}}
+
+
+def _body(schema: dict) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
 def create_app(engine: Engine, model_name: str, **limits: Any):
     """The FastAPI app serving ``engine`` as ``model_name``."""
     from fastapi import FastAPI, Request
@@ -168,7 +199,7 @@ def create_app(engine: Engine, model_name: str, **limits: Any):
         return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": 0,
                                             "owned_by": "llamaherd"}]}
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", openapi_extra=_body(_TOKENIZE))
     async def tokenize(request: Request):
         body = await body_of(request)
         text = body.get("prompt", body.get("text"))
@@ -184,7 +215,7 @@ def create_app(engine: Engine, model_name: str, **limits: Any):
         return {"eos_token": "<|end_of_text|>", "bos_token": "<|begin_of_text|>", "pad_token": None,
                 "model_max_length": engine.max_context(), "tokenizer_class": "llamaherd"}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", openapi_extra=_body(_DETOKENIZE))
     async def detokenize(request: Request):
         body = await body_of(request)
         ids = body.get("tokens")
@@ -194,7 +225,7 @@ def create_app(engine: Engine, model_name: str, **limits: Any):
             raise ApiError(400, f"tokens: ids must be in [0, {server.tokenizer.n_words})", "tokens")
         return {"prompt": server.tokenizer.decode(ids)}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_body(_COMPLETION))
     async def completions(request: Request):
         body = await body_of(request)
         prompts = _prompts(body.get("prompt"), server.tokenizer)
@@ -233,7 +264,7 @@ def create_app(engine: Engine, model_name: str, **limits: Any):
                 "usage": {"prompt_tokens": usage_in, "completion_tokens": usage_out,
                           "total_tokens": usage_in + usage_out}}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_body(_CHAT))
     async def chat(request: Request):
         body = await body_of(request)
         messages = body.get("messages")
