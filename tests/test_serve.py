@@ -315,3 +315,40 @@ def test_a_schema_fuzz_run_finds_no_5xx_and_no_dead_engine(fuzz_url):
     operations = {label for label, _ in seen}
     assert {"POST /v1/completions", "POST /v1/chat/completions", "POST /tokenize"} <= operations
     assert engine._thread.is_alive() and urllib.request.urlopen(url + "/health").status == 200
+
+
+def _chromium():
+    import shutil
+
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    return None
+
+
+def test_the_chat_page_streams_a_reply_in_headless_chromium(server, model_and_tokenizer):
+    """A real browser (Debian's chromium, driven by Playwright) types a message and sees the streamed reply."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    browser_path = _chromium()
+    if browser_path is None:
+        pytest.skip("no chromium on this machine (.ci/run installs Debian's)")
+    model, tok = model_and_tokenizer
+    with running_server(model, tok, "tiny", kv_blocks=256, block_size=8) as (url, _, _):  # no API key: a page
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=browser_path, headless=True,
+                                        args=["--no-sandbox", "--disable-gpu"])
+            try:
+                page = browser.new_page()
+                page.goto(url + "/")
+                page.wait_for_function("document.getElementById('status').textContent.startsWith('model: tiny')")
+                page.fill("#input", "Hello")
+                page.press("#input", "Enter")
+                page.wait_for_function("document.getElementById('status').textContent.includes('tokens/s')",
+                                       timeout=60_000)
+                bubbles = page.locator(".msg").all_inner_texts()
+                assert bubbles[0] == "Hello" and page.locator(".msg.assistant").count() == 1
+                assert bubbles[1].strip() and not bubbles[1].startswith("error")  # the streamed reply
+                chunks = int(page.inner_text("#status").split()[0])
+                assert chunks > 1  # it came in pieces, as a stream
+            finally:
+                browser.close()
