@@ -192,19 +192,25 @@ def test_a_full_queue_is_429_with_retry_after(model_and_tokenizer):
         assert code == 429 and "queue is full" in answer["error"]["message"]
 
 
-def test_a_client_that_goes_away_frees_its_slot_at_once(server):
+def test_a_client_that_goes_away_frees_its_slot_at_once(model_and_tokenizer):
     import time
 
-    engine = server[2]
-    before = engine.stats["finished_cancelled"]
-    stream = client(server).chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "go on"}], max_tokens=400, temperature=0, stream=True)
-    next(iter(stream))  # the stream is under way
-    stream.close()
-    t0 = time.perf_counter()
-    while (engine.stats["finished_cancelled"] == before or engine.pool.used_blocks) and time.perf_counter() - t0 < 10:
-        time.sleep(0.05)
-    assert engine.stats["finished_cancelled"] == before + 1 and engine.pool.used_blocks == 0
+    model, tok = model_and_tokenizer
+    # a context long enough that the request is still generating (seconds) when the client leaves
+    long = Transformer(model.args.replace(max_seq_len=8192))
+    long.load_state_dict(model.state_dict())
+    long.init_rope()
+    with running_server(long.eval(), tok, "tiny", kv_blocks=1100, block_size=8) as (url, _, engine):
+        stream = client((url, None, None), key="x").chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "go on"}], max_tokens=8000, temperature=0,
+            stream=True, extra_body={"ignore_eos": True})
+        next(iter(stream))  # the stream is under way
+        stream.close()
+        t0 = time.perf_counter()
+        while (not engine.stats["finished_cancelled"] or engine.pool.used_blocks) and time.perf_counter() - t0 < 20:
+            time.sleep(0.05)
+        assert engine.stats["finished_cancelled"] == 1 and engine.pool.used_blocks == 0
+        assert engine.stats["generation_tokens"] < 8000  # stopped early, not run to its end
 
 
 def test_herd_serve_serves_a_checkpoint_and_drains_on_sigterm(model_and_tokenizer, tmp_path):
