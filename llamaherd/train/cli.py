@@ -111,6 +111,10 @@ def cmd_pretrain(args) -> int:
     cfg = load_config(args.recipe, overrides)
     out = Path(args.out or Path("runs") / cfg.name)
     console = Console(stderr=True)
+    if "WORLD_SIZE" in os.environ:  # a rank of torchrun's: a crash in native code shows its Python stack
+        import faulthandler
+
+        faulthandler.enable()
     if args.nproc != 1 and "WORLD_SIZE" not in os.environ:
         check_layout(cfg, args.nproc)  # a layout that cannot work is one line here, not N tracebacks there
         code = launch(args.recipe, overrides, out, args.nproc, progress=not args.no_progress)
