@@ -5,18 +5,15 @@ import threading
 import urllib.error
 import urllib.request
 
+import openai
 import pytest
 import torch
 
 from llamaherd.generation import generate
 from llamaherd.model.args import preset
 from llamaherd.model.transformer import Transformer
+from llamaherd.serve.app import running_server
 from llamaherd.tokenizer import Tokenizer
-
-openai = pytest.importorskip("openai")
-pytest.importorskip("fastapi")
-
-from llamaherd.serve.app import running_server  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +259,7 @@ def test_herd_serve_serves_a_checkpoint_and_drains_on_sigterm(model_and_tokenize
 
 
 def test_lm_evaluation_harness_scores_a_task_with_the_model_s_log_likelihoods(model_and_tokenizer, tmp_path):
-    lm_eval = pytest.importorskip("lm_eval")
+    import lm_eval
     from lm_eval.tasks import TaskManager
 
     model, tok = model_and_tokenizer
@@ -303,7 +300,7 @@ def fuzz_url(model_and_tokenizer):
 
 
 def test_a_schema_fuzz_run_finds_no_5xx_and_no_dead_engine(fuzz_url):
-    schemathesis = pytest.importorskip("schemathesis")
+    import schemathesis
     from hypothesis import HealthCheck, given, settings
 
     url, engine = fuzz_url
@@ -334,7 +331,8 @@ def _chromium():
 
 def test_the_chat_page_streams_a_reply_in_headless_chromium(server, model_and_tokenizer):
     """A real browser (Debian's chromium, driven by Playwright) types a message and sees the streamed reply."""
-    sync_api = pytest.importorskip("playwright.sync_api")
+    from playwright import sync_api
+
     browser_path = _chromium()
     if browser_path is None:
         pytest.skip("no chromium on this machine (.ci/run installs Debian's)")

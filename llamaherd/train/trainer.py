@@ -37,7 +37,7 @@ from llamaherd.model.args import flops_per_token
 from llamaherd.train.distributed import Distributed, autocast_dtype, resolve_device  # noqa: F401 (re-exported)
 from llamaherd.train.losses import LossOutput
 from llamaherd.train.metrics import MetricsLog, bits_per_byte, memory_gib, peak_flops
-from llamaherd.train.parallel import clip_grad_norm, grad_norm
+from llamaherd.train.parallel import clip_grad_norm, grad_norm, is_distributed
 from llamaherd.train.recovery import Anomaly, Faults, Goodput, Watch, replica_mismatch
 
 
@@ -239,7 +239,7 @@ class Trainer:
             self._load_extras(runs.load_train_state(ckpt))
             return
 
-        local = not _is_sharded(self.model)
+        local = not is_distributed(self.model)
         dtype = next(self.model.parameters()).dtype
         trained, _ = load(ckpt, device=self.device if local else "cpu", dtype=dtype, tokenizer=False)
         if trained.args != self.model.args:
@@ -512,12 +512,6 @@ def _whole(dist: Distributed):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(full_state_dict=True, cpu_offload=dist.world > 1 and dist.layout.pp == 1)
-
-
-def _is_sharded(model) -> bool:
-    from llamaherd.train.parallel import is_distributed
-
-    return is_distributed(model)
 
 
 def _plain(t):
