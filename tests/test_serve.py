@@ -145,6 +145,26 @@ def test_concurrent_streams_equal_their_sequential_outputs_and_the_batch_grows(s
     assert engine.pool.used_blocks == 0  # every block free again
 
 
+def test_prompts_prefilled_together_left_padded_give_each_its_own_greedy_output(model_and_tokenizer):
+    """Requests that arrive together are prefilled in one forward (padding in a scratch block); each output
+    is still the one `herd generate` gives it alone, and every block is free afterwards."""
+    from llamaherd.serve.engine import Engine, SamplingParams
+
+    model, tok = model_and_tokenizer
+    engine = Engine(model, tok, max_batch=8, kv_blocks=64, block_size=4)
+    prompts = [tok.encode(p * k, bos=True) for k, p in enumerate(PROMPTS + ["a"], start=1)]  # 2 to 73 tokens
+    requests = [engine.submit(p, SamplingParams(max_tokens=10, temperature=0.0)) for p in prompts]
+    engine.start()  # all of them waiting: admitted in one turn
+    try:
+        for r in requests:
+            assert r.done.wait(30)
+        assert engine.prefill_sizes == {len(prompts): 1} and engine.pool.used_blocks == 0
+        for prompt, r in zip(prompts, requests, strict=True):
+            assert r.output == greedy(model, tok, prompt, 10) and r.output
+    finally:
+        engine.stop(drain=False)
+
+
 def post(server, path, body, key="sesame", raw=None):
     req = urllib.request.Request(server[0] + path, data=raw if raw is not None else json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json",
@@ -194,10 +214,7 @@ def test_a_client_that_goes_away_frees_its_slot_at_once(model_and_tokenizer):
 
     model, tok = model_and_tokenizer
     # a context long enough that the request is still generating (seconds) when the client leaves
-    long = Transformer(model.args.replace(max_seq_len=8192))
-    long.load_state_dict(model.state_dict())
-    long.init_rope()
-    with running_server(long.eval(), tok, "tiny", kv_blocks=1100, block_size=8) as (url, _, engine):
+    with running_server(long_context(model), tok, "tiny", kv_blocks=1100, block_size=8) as (url, _, engine):
         stream = client((url, None, None), key="x").chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "go on"}], max_tokens=8000, temperature=0,
             stream=True, extra_body={"ignore_eos": True})
@@ -208,6 +225,89 @@ def test_a_client_that_goes_away_frees_its_slot_at_once(model_and_tokenizer):
             time.sleep(0.05)
         assert engine.stats["finished_cancelled"] == 1 and engine.pool.used_blocks == 0
         assert engine.stats["generation_tokens"] < 8000  # stopped early, not run to its end
+
+
+def long_context(model):
+    """``model`` with an 8K context: a request can generate for seconds."""
+    long = Transformer(model.args.replace(max_seq_len=8192))
+    long.load_state_dict(model.state_dict())
+    long.init_rope()
+    return long.eval()
+
+
+def test_a_request_past_its_timeout_is_ended_with_408_and_frees_its_blocks(model_and_tokenizer):
+    import time
+
+    model, tok = model_and_tokenizer
+    with running_server(long_context(model), tok, "tiny", kv_blocks=1100, block_size=8, timeout=0.5) as s:
+        url, _, engine = s
+        t0 = time.perf_counter()
+        code, answer = post(s, "/v1/completions", {"prompt": "go on", "max_tokens": 8000, "temperature": 0,
+                                                   "ignore_eos": True}, key=None)
+        assert code == 408 and answer["error"]["type"] == "timeout_error" and "0.5 s" in answer["error"]["message"]
+        assert time.perf_counter() - t0 < 5 and engine.stats["generation_tokens"] < 8000
+        # streamed: the status is sent already, so the stream carries the error, then ends
+        stream = client(s, key="x").chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "go on"}], max_tokens=8000, temperature=0,
+            stream=True, extra_body={"ignore_eos": True})
+        with pytest.raises(openai.APIError, match="longer than this server's limit"):
+            for _ in stream:
+                pass
+        assert engine.stats["finished_timeout"] == 2 and engine.pool.used_blocks == 0
+        code, answer = post(s, "/v1/completions", {"prompt": "ab", "max_tokens": 3, "ignore_eos": True}, key=None)
+        assert code == 200 and answer["usage"]["completion_tokens"] == 3  # still serving
+
+
+def test_herd_serve_compile_is_503_while_loading_then_greedy_equal_to_generate(model_and_tokenizer, tmp_path):
+    """`herd serve --compile` listens at once and answers 503 while it loads and compiles; then its greedy
+    outputs, several requests at once, are `herd generate`'s."""
+    import subprocess
+    import sys
+    import time
+
+    from llamaherd.checkpoint import save
+    from llamaherd.serve.app import free_port
+
+    model, tok = model_and_tokenizer
+    save(model, tmp_path / "ckpt", layout="herd", tokenizer=tok)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llamaherd", "serve", str(tmp_path / "ckpt"), "--port", str(port),
+                             "--name", "tiny", "--compile"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    url = f"http://127.0.0.1:{port}"
+    statuses = []
+    try:
+        t0 = time.perf_counter()
+        while not statuses or statuses[-1] != 200:
+            try:
+                statuses.append(urllib.request.urlopen(url + "/health").status)
+            except urllib.error.HTTPError as e:
+                statuses.append(e.code)
+                if e.code == 503 and len(statuses) == 1:  # the API says so too, in OpenAI's shape
+                    code, answer = post((url, None, None), "/v1/completions", {"prompt": "x"}, key=None)
+                    assert code == 503 and "loading" in answer["error"]["message"]
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            assert time.perf_counter() - t0 < 300 and proc.poll() is None, proc.stderr.read() if proc.poll() else ""
+            time.sleep(0.1)
+        assert statuses[0] == 503 and statuses[-1] == 200
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        answers = {}
+
+        def ask(prompt):
+            answers[prompt] = c.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+
+        threads = [threading.Thread(target=ask, args=(p,)) for p in PROMPTS]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for prompt in PROMPTS:
+            expected = tok.decode(greedy(model, tok, tok.encode(prompt, bos=True), 12))
+            assert answers[prompt].choices[0].text == expected, prompt
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
 def test_herd_serve_serves_a_checkpoint_and_drains_on_sigterm(model_and_tokenizer, tmp_path):

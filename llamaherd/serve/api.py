@@ -12,6 +12,7 @@ the client sent wrong, 429 with ``Retry-After`` when the queue is full.
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from typing import Any
@@ -48,20 +49,28 @@ def _field(body: dict, name: str, kind, default=None, *, low=None, high=None):
 class Server:
     """What the routes share: the engine, the tokenizer, limits, metrics."""
 
-    def __init__(self, engine: Engine, model_name: str, *, api_key: str | None = None,
+    def __init__(self, engine: Engine | None, model_name: str, *, api_key: str | None = None,
                  max_prompt_tokens: int | None = None, max_total_tokens: int | None = None,
                  request_timeout: float | None = 600.0):
+        self.model_name, self.api_key, self.timeout = model_name, api_key, request_timeout
+        self.limits = (max_prompt_tokens, max_total_tokens)
+        self.ready = False  # until an engine is attached (and warmed up): /health says 503, the API too
+        self.engine = None
+        if engine is not None:
+            self.attach(engine)
+
+    def attach(self, engine: Engine) -> None:
+        """Serve ``engine`` from now on (``herd serve`` listens first, and loads the model meanwhile)."""
         from llamaherd.serve.metrics import Metrics
         from llamaherd.tokenizer.chat import ChatFormat
 
-        self.engine, self.model_name, self.api_key = engine, model_name, api_key
         self.tokenizer = engine.tokenizer
         self.chat = ChatFormat(self.tokenizer)
-        self.max_prompt = max_prompt_tokens or engine.max_context()
-        self.max_total = max_total_tokens or engine.max_context()
-        self.timeout = request_timeout
+        self.max_prompt = self.limits[0] or engine.max_context()
+        self.max_total = self.limits[1] or engine.max_context()
         self.metrics = Metrics(engine)
-        self.ready = False
+        self.engine = engine
+        self.ready = True
 
     # --- requests to engine parameters ---------------------------------------------------------------
 
@@ -98,16 +107,57 @@ class Server:
             raise ApiError(400, f"the prompt's {len(prompt)} tokens + max_tokens {params.max_tokens} are more than "
                                 f"the {self.max_total} tokens a request may have", "max_tokens")
 
-    def submit(self, prompt: list[int], params: SamplingParams, loop, out: asyncio.Queue):
-        def on_event(event: Event) -> None:
-            loop.call_soon_threadsafe(out.put_nowait, event)
+    def submit(self, prompt: list[int], params: SamplingParams, loop, out: asyncio.Queue | None = None):
+        """Queue a request; its events arrive on ``out`` (streaming), or without ``out`` all at once in the
+        future ``request.result`` when it ends (fewer wake-ups)."""
+        delivery = self._delivery(loop)
+        if out is not None:
+            def on_event(event: Event) -> None:
+                delivery.put(out.put_nowait, event)
+            result = None
+        else:
+            events: list[Event] = []
+            result = loop.create_future()
 
+            def on_event(event: Event) -> None:
+                events.append(event)
+                if event.finish_reason is not None:
+                    delivery.put(lambda _: result.done() or result.set_result(events), event)
         try:
-            return self.engine.submit(prompt, params, timeout=self.timeout, on_event=on_event)
+            request = self.engine.submit(prompt, params, timeout=self.timeout, on_event=on_event)
+            request.result = result
+            return request
         except QueueFull as e:
             raise ApiError(429, str(e), kind="rate_limit_error", headers={"Retry-After": "1"}) from None
         except HerdError as e:
             raise ApiError(400, str(e)) from None
+
+    def _delivery(self, loop) -> "_Delivery":
+        if getattr(self, "_deliver", None) is None or self._deliver.loop is not loop:
+            self._deliver = _Delivery(loop)
+        return self._deliver
+
+
+class _Delivery:
+    """Events from the engine's thread to the event loop: one wake-up of the loop hands over every event
+    that arrived since the last one (an engine turn's worth), not one wake-up per token."""
+
+    def __init__(self, loop):
+        self.loop, self.pending, self.scheduled, self.lock = loop, [], False, threading.Lock()
+
+    def put(self, target, event: Event) -> None:
+        with self.lock:
+            self.pending.append((target, event))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            pending, self.pending, self.scheduled = self.pending, [], False
+        for target, event in pending:
+            target(event)
 
 
 # the request bodies, as the OpenAPI description (/openapi.json) documents them (the routes read raw JSON and
@@ -141,8 +191,9 @@ def _body(schema: dict) -> dict:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-def create_app(engine: Engine, model_name: str, **limits: Any):
-    """The FastAPI app serving ``engine`` as ``model_name``."""
+def create_app(engine: Engine | None, model_name: str, **limits: Any):
+    """The FastAPI app serving ``engine`` as ``model_name``; without an engine, one that answers 503 (loading)
+    until ``app.state.server.attach(engine)``."""
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
@@ -164,6 +215,9 @@ def create_app(engine: Engine, model_name: str, **limits: Any):
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
+        if not server.ready and request.url.path not in ("/health", "/"):
+            return error(503, "the model is still loading; GET /health says when it is ready",
+                         kind="service_unavailable", headers={"Retry-After": "5"})
         if server.api_key and request.url.path.startswith(("/v1", "/tokenize", "/detokenize", "/tokenizer_info")):
             if request.headers.get("authorization") != f"Bearer {server.api_key}":
                 return error(401, "invalid or missing API key (Authorization: Bearer ...)",
@@ -207,13 +261,13 @@ def create_app(engine: Engine, model_name: str, **limits: Any):
             raise ApiError(400, "prompt: expected a string", "prompt")
         # special tokens written in the text are those tokens, as Hugging Face tokenizers (and vLLM) read them
         ids = server.tokenizer.encode(text, bos=bool(body.get("add_special_tokens", True)), allowed_special="all")
-        return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_context()}
+        return {"tokens": ids, "count": len(ids), "max_model_len": server.engine.max_context()}
 
     @app.get("/tokenizer_info")
     async def tokenizer_info():
         """What lm-evaluation-harness's remote tokenizer asks for (vLLM's endpoint of the same name)."""
         return {"eos_token": "<|end_of_text|>", "bos_token": "<|begin_of_text|>", "pad_token": None,
-                "model_max_length": engine.max_context(), "tokenizer_class": "llamaherd"}
+                "model_max_length": server.engine.max_context(), "tokenizer_class": "llamaherd"}
 
     @app.post("/detokenize", openapi_extra=_body(_DETOKENIZE))
     async def detokenize(request: Request):
@@ -241,12 +295,11 @@ def create_app(engine: Engine, model_name: str, **limits: Any):
             server.check_lengths(prompt, params)
             for i in range(n):
                 p = _seeded(params, i)
-                out: asyncio.Queue = asyncio.Queue()
-                jobs.append((prompt, server.submit(prompt, p, loop, out), out))
+                jobs.append((prompt, server.submit(prompt, p, loop)))
         choices, usage_in, usage_out = [], 0, 0
         try:
-            for index, (prompt, req, out) in enumerate(jobs):
-                events = await _collect(out, request, req)
+            for index, (prompt, req) in enumerate(jobs):
+                events = await _collect(request, req, server.timeout)
                 usage_in += len(prompt)
                 usage_out += len([e for e in events if e.token is not None])
                 text = "".join(e.text for e in events)
@@ -257,7 +310,7 @@ def create_app(engine: Engine, model_name: str, **limits: Any):
                     choice["logprobs"] = _completion_logprobs(server.tokenizer, prompt if echo else [], req, events)
                 choices.append(choice)
         finally:
-            for _, req, _ in jobs:
+            for _, req in jobs:
                 req.cancel()
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": server.model_name, "choices": choices,
@@ -294,14 +347,11 @@ def create_app(engine: Engine, model_name: str, **limits: Any):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(_stream_chat(server, request, req, out, cid, created, include_usage,
                                                   want_logprobs), media_type="text/event-stream")
-        jobs = []
-        for i in range(n):
-            out = asyncio.Queue()
-            jobs.append((server.submit(prompt, _seeded(params, i), loop, out), out))
+        jobs = [server.submit(prompt, _seeded(params, i), loop) for i in range(n)]
         choices, generated = [], 0
         try:
-            for index, (req, out) in enumerate(jobs):
-                events = await _collect(out, request, req)
+            for index, req in enumerate(jobs):
+                events = await _collect(request, req, server.timeout)
                 generated += len([e for e in events if e.token is not None])
                 choice = {"index": index, "message": {"role": "assistant", "content": "".join(e.text for e in events)},
                           "finish_reason": _reason(events[-1]), "logprobs": None}
@@ -310,7 +360,7 @@ def create_app(engine: Engine, model_name: str, **limits: Any):
                                                       if e.token is not None]}
                 choices.append(choice)
         finally:
-            for req, _ in jobs:
+            for req in jobs:
                 req.cancel()
         return {"id": cid, "object": "chat.completion", "created": created, "model": server.model_name,
                 "choices": choices, "usage": {"prompt_tokens": len(prompt), "completion_tokens": generated,
@@ -325,21 +375,27 @@ def create_app(engine: Engine, model_name: str, **limits: Any):
     return app
 
 
-async def _collect(out: asyncio.Queue, request, req) -> list[Event]:
-    events = []
+async def _collect(request, req, timeout: float | None) -> list[Event]:
+    """The events of a request without a queue (``Server.submit``), once it has ended."""
     while True:
         try:
-            event = await asyncio.wait_for(out.get(), timeout=1.0)
+            events = await asyncio.wait_for(asyncio.shield(req.result), timeout=1.0)
         except asyncio.TimeoutError:
             if await request.is_disconnected():
                 req.cancel()
                 raise ApiError(499, "the client went away") from None
             continue
-        events.append(event)
-        if event.finish_reason is not None:
-            if event.finish_reason == "error":
-                raise ApiError(500, f"the engine failed on this request: {event.error}", kind="server_error")
-            return events
+        reason = events[-1].finish_reason
+        if reason == "error":
+            raise ApiError(500, f"the engine failed on this request: {events[-1].error}", kind="server_error")
+        if reason == "timeout":
+            raise _timed_out(timeout)
+        return events
+
+
+def _timed_out(timeout: float | None) -> ApiError:
+    return ApiError(408, f"the request took longer than this server's limit of {timeout:g} s (herd serve "
+                         "--timeout)", kind="timeout_error")
 
 
 async def _stream_chat(server, request, req, out, cid, created, include_usage, want_logprobs):
@@ -355,17 +411,27 @@ async def _stream_chat(server, request, req, out, cid, created, include_usage, w
         yield chunk({"role": "assistant", "content": ""})
         while True:
             try:
-                event = await asyncio.wait_for(out.get(), timeout=1.0)
+                events = [await asyncio.wait_for(out.get(), timeout=1.0)]
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
                     return
                 continue
-            if event.token is not None:
-                generated += 1
-            lp = {"content": [_chat_logprob(server.tokenizer, event)]} if want_logprobs and event.token is not None \
-                else None
-            if event.text or lp:
-                yield chunk({"content": event.text}, logprobs=lp)
+            while not out.empty():  # what else has arrived: one chunk for all of it, when no logprobs are asked
+                events.append(out.get_nowait())
+            tokens = [e for e in events if e.token is not None]
+            generated += len(tokens)
+            text = "".join(e.text for e in events)
+            if want_logprobs:
+                for e in tokens:
+                    yield chunk({"content": e.text}, logprobs={"content": [_chat_logprob(server.tokenizer, e)]})
+                text = "".join(e.text for e in events if e.token is None)
+            if text:
+                yield chunk({"content": text})
+            event = events[-1]
+            if event.finish_reason == "timeout":
+                error = _timed_out(server.timeout)  # the status is sent already: an error event, as OpenAI's
+                body = {"error": {"message": error.message, "type": error.kind, "param": None, "code": 408}}
+                yield f"data: {json.dumps(body)}\n\n"
             if event.finish_reason is not None:
                 yield chunk({}, finish=_reason(event))
                 if include_usage:
@@ -381,7 +447,7 @@ async def _stream_chat(server, request, req, out, cid, created, include_usage, w
 
 
 def _reason(event: Event) -> str:
-    return {"stop": "stop", "length": "length"}.get(event.finish_reason, "stop")
+    return {"stop": "stop", "length": "length", "timeout": "length"}.get(event.finish_reason, "stop")
 
 
 def _seeded(params: SamplingParams, i: int) -> SamplingParams:

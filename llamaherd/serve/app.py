@@ -24,42 +24,75 @@ def _need_serve_extra():
         raise HerdError(f"herd serve needs the serve extra (pip install 'llamaherd[serve]'): {e}") from None
 
 
-def build(model, tokenizer, name: str = "llamaherd", *, max_batch: int = 16, max_queue: int = 256,
-          kv_blocks: int = 1024, block_size: int = 16, api_key: str | None = None, threads: int | None = 1,
-          max_prompt_tokens: int | None = None, max_total_tokens: int | None = None, timeout: float | None = 600.0):
-    """(the FastAPI app, its engine, started) for ``model`` and ``tokenizer``."""
-    _need_serve_extra()
-    from llamaherd.serve.api import create_app
+def engine_for(model, tokenizer, *, max_batch: int = 16, max_queue: int = 256, kv_blocks: int = 1024,
+               block_size: int = 16, threads: int | None = 1, compile: bool = False):
+    """A started engine for ``model`` (compiled and warmed up first, with ``compile``)."""
     from llamaherd.serve.engine import Engine
 
     if tokenizer is None:
         raise HerdError("this checkpoint has no tokenizer: a server needs one (tokenizer.model beside the weights)")
-    engine = Engine(model, tokenizer, max_batch=max_batch, kv_blocks=kv_blocks, block_size=block_size,
-                    max_queue=max_queue, threads=threads).start()
+    return Engine(model, tokenizer, max_batch=max_batch, kv_blocks=kv_blocks, block_size=block_size,
+                  max_queue=max_queue, threads=threads, compile=compile).start()
+
+
+def build(model, tokenizer, name: str = "llamaherd", *, api_key: str | None = None,
+          max_prompt_tokens: int | None = None, max_total_tokens: int | None = None, timeout: float | None = 600.0,
+          **engine_options):
+    """(the FastAPI app, its engine, started) for ``model`` and ``tokenizer``."""
+    _need_serve_extra()
+    from llamaherd.serve.api import create_app
+
+    engine = engine_for(model, tokenizer, **engine_options)
     app = create_app(engine, name, api_key=api_key, max_prompt_tokens=max_prompt_tokens,
                      max_total_tokens=max_total_tokens, request_timeout=timeout)
-    app.state.server.ready = True
     return app, engine
 
 
 def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, dtype=None, device=None,
-          name: str | None = None, **options) -> None:
-    """Load ``checkpoint`` and serve it until SIGTERM / Ctrl-C (running requests finish first)."""
+          name: str | None = None, api_key: str | None = None, max_prompt_tokens: int | None = None,
+          max_total_tokens: int | None = None, timeout: float | None = 600.0, **engine_options) -> None:
+    """Serve ``checkpoint`` until SIGTERM / Ctrl-C (running requests finish first). The server listens at once
+    (``/health`` answers 503) and loads the model (and compiles it, with ``compile``) meanwhile; then 200."""
     _need_serve_extra()
+    import logging
+
     import torch
     import uvicorn
 
     from llamaherd.checkpoint import load, resolve
+    from llamaherd.serve.api import create_app
 
+    path = resolve(checkpoint)
+    if not Path(path).is_dir():  # a missing checkpoint: a one-line error before anything starts
+        raise HerdError(f"{checkpoint}: checkpoint directory not found")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load(checkpoint, device=device, dtype=dtype)
-    app, engine = build(model, tokenizer, name or Path(resolve(checkpoint)).name, **options)
-    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)
-    server = uvicorn.Server(config)
+    app = create_app(None, name or Path(path).name, api_key=api_key, max_prompt_tokens=max_prompt_tokens,
+                     max_total_tokens=max_total_tokens, request_timeout=timeout)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30))
+    loaded: dict = {}
+    log = logging.getLogger("uvicorn.error")
+
+    def load_model():
+        try:
+            t0 = time.perf_counter()
+            model, tokenizer = load(checkpoint, device=device, dtype=dtype)
+            engine = loaded["engine"] = engine_for(model, tokenizer, **engine_options)
+            app.state.server.attach(engine)
+            log.info("model %s ready in %.1f s%s", app.state.server.model_name, time.perf_counter() - t0,
+                     " (compiled)" if engine.compiled else "")
+        except Exception as e:  # the server stops; the error reaches the command line as one line
+            loaded["error"] = e
+            server.should_exit = True
+
+    threading.Thread(target=load_model, name="herd-load", daemon=True).start()
     try:
         server.run()  # SIGTERM / SIGINT: stop accepting, let open requests finish
     finally:
-        engine.stop(drain=True, timeout=30)
+        if "engine" in loaded:
+            loaded["engine"].stop(drain=True, timeout=30)
+    if "error" in loaded:
+        e = loaded["error"]
+        raise e if isinstance(e, HerdError) else HerdError(f"loading {checkpoint} failed: {type(e).__name__}: {e}")
 
 
 def free_port() -> int:

@@ -31,6 +31,9 @@ def register(sub) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
     p.add_argument("--name", default=None, help="the model's name in the API (default: the directory's name)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for the engine (default 1; 0: torch's)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the model through torch.compile (dynamic shapes): faster decoding after a warm-up "
+                        "that compiles (tens of seconds; /health answers 503 until it is done)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -44,5 +47,6 @@ def cmd_serve(args) -> int:
     serve(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
           max_queue=args.max_queue, kv_blocks=args.kv_blocks, block_size=args.block_size,
           max_prompt_tokens=args.max_prompt_tokens, max_total_tokens=args.max_total_tokens, timeout=args.timeout,
-          dtype=args.dtype, device=args.device, name=args.name, threads=args.threads or None)
+          dtype=args.dtype, device=args.device, name=args.name, threads=args.threads or None,
+          compile=args.compile)
     return 0

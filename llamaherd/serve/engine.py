@@ -6,9 +6,10 @@
     for event in request.stream():          # Event(token, text, logprob, top_logprobs), then finish_reason
         ...
 
-Each turn of the loop admits waiting requests while there are batch rows and KV blocks for them (each is
-prefilled on its own and gets its first token), then runs one decode step for every running request
-together: requests join and leave the batch at token granularity. A request ends at a stop token of the
+Each turn of the loop admits waiting requests while there are batch rows and KV blocks for them (prefilled
+together, left-padded, up to ``max_prefill_tokens`` padded tokens a forward, each getting its first token),
+then runs one decode step for every running request together: requests join and leave the batch at token
+granularity. A request ends at a stop token of the
 model (``<|eot_id|>``, ``<|eom_id|>``, ``<|end_of_text|>``), at one of its ``stop`` strings (never sending
 any part of it), at ``max_tokens``, when cancelled (a client gone) or past its deadline; its blocks go
 back to the pool at once. Sampling is per request (temperature, top-p, top-k, seed): greedy rows are the
@@ -17,6 +18,7 @@ argmax of their own logits, as ``generate`` computes them.
 
 from __future__ import annotations
 
+import codecs
 import collections
 import itertools
 import queue
@@ -74,6 +76,7 @@ class Request:
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)
         self.text = ""  # the output's text so far (what was sent, plus what is held back)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a cut character waits here
         self.sent = 0  # characters of ``text`` already sent
         self.first_token_at: float | None = None
         self.created = time.perf_counter()
@@ -109,13 +112,19 @@ class Engine:
     """Continuous batching of requests over one model and a paged KV cache (see the module's docstring)."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 16, kv_blocks: int = 1024, block_size: int = 16,
-                 max_queue: int = 256, threads: int | None = 1):
+                 max_queue: int = 256, threads: int | None = 1, max_prefill_tokens: int = 2048,
+                 compile: bool = False):
         self.model, self.tokenizer = model.eval(), tokenizer
+        # with ``compile``: the model's forward through torch.compile with dynamic shapes (batch size, prompt
+        # and cache lengths vary from step to step), compiled by ``start``'s warm-up, before any request
+        self.forward = torch.compile(model.forward, dynamic=True) if compile else model.forward
+        self.compiled = compile
         self.args = model.args
         param = next(model.parameters())
         self.device = param.device
         self.pool = BlockPool(self.args, kv_blocks, block_size, dtype=param.dtype, device=self.device)
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_prefill_tokens = max_prefill_tokens  # padded prompt tokens in one prefill forward
         # CPU threads of the engine's own thread. One by default: torch's OpenMP team run from a second Python
         # thread was 2x slower with two threads than with one on a 2-core machine (docs/serving.md), and on a
         # small model batching pays more than threads
@@ -129,14 +138,22 @@ class Engine:
         self.draining = False
         # counters for /metrics
         self.stats = collections.Counter()
-        self.batch_sizes: collections.Counter = collections.Counter()
+        self.batch_sizes: collections.Counter = collections.Counter()  # decode steps by rows
+        self.prefill_sizes: collections.Counter = collections.Counter()  # prefill forwards by rows
         self.observers: list[Callable[[str, float], None]] = []  # (name, seconds): ttft, itl
 
     # --- the public side -------------------------------------------------------------------------------
 
     def start(self) -> "Engine":
-        self._thread = threading.Thread(target=self._loop, name="herd-engine", daemon=True)
+        """Start the loop's thread; with ``compile``, return once it has warmed up (compiled) there, with the
+        thread count it runs with (a compiled forward is specific to it)."""
+        started: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, args=(started,), name="herd-engine", daemon=True)
         self._thread.start()
+        error = started.get()
+        if error is not None:
+            self._thread.join()
+            raise error
         return self
 
     def stop(self, drain: bool = True, timeout: float | None = None) -> None:
@@ -151,6 +168,24 @@ class Engine:
             self._wake.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=10)
+
+    def warmup(self) -> None:
+        """Run the shapes a server meets (prefill and decode, one row and several) once, through blocks taken
+        and given back: a compiled forward compiles here rather than on a client's first request."""
+        n = 5  # sizes unlike one another (a compiler gives equal sizes one symbol, then guards them equal)
+        with torch.no_grad():
+            for rows in (1, 3):
+                tables = [self.pool.allocate(n + 1) for _ in range(rows)]
+                if any(t is None for t in tables):
+                    raise HerdError("the KV cache is too small to warm up: give it more blocks")
+                tokens = torch.zeros(rows, n, dtype=torch.long, device=self.device)
+                positions = torch.arange(n, device=self.device).repeat(rows, 1)
+                self.forward(tokens, positions, cache=self.pool.view(tables, [n] * rows, positions), last_only=True)
+                # new tensors, as the engine passes (a view's strides and base are guarded too)
+                token, step = torch.zeros(rows, 1, dtype=torch.long, device=self.device), positions[:, :1] + n
+                self.forward(token, step, cache=self.pool.view(tables, [n + 1] * rows, step))
+                for t in tables:
+                    self.pool.free(t)
 
     def max_context(self) -> int:
         return min(self.args.max_seq_len, self.pool.n_blocks * self.pool.block_size)
@@ -178,9 +213,16 @@ class Engine:
 
     # --- the loop ----------------------------------------------------------------------------------------
 
-    def _loop(self) -> None:
+    def _loop(self, started: queue.Queue) -> None:
         if self.threads and self.device.type == "cpu":
             torch.set_num_threads(self.threads)
+        try:
+            if self.compiled:
+                self.warmup()
+        except Exception as e:
+            started.put(e)
+            return
+        started.put(None)
         while True:
             with self._wake:
                 while not self._stopping and not self.waiting and not self.running:
@@ -200,6 +242,7 @@ class Engine:
             if r.cancelled or (r.deadline is not None and now > r.deadline):
                 self._finish(r, "cancelled" if r.cancelled else "timeout")
         # admit
+        admitted = []
         while self.waiting and len(self.running) < self.max_batch:
             r = self.waiting[0]
             if r.cancelled:
@@ -210,7 +253,9 @@ class Engine:
                 break  # no blocks: wait for running requests to finish
             self.waiting.popleft()
             self.running.append(r)
-            self._prefill(r)
+            admitted.append(r)
+        for group in self._prefill_groups(admitted):
+            self._prefill(group)
         live = [r for r in self.running if r.finish_reason is None]
         if not live:
             return
@@ -224,25 +269,48 @@ class Engine:
         self.batch_sizes[len(live)] += 1
         tokens = torch.tensor([[r.output[-1]] for r in live], device=self.device)
         positions = torch.tensor([[r.length - 1] for r in live], device=self.device)
-        cache = self.pool.view([r.table for r in live], [r.length for r in live])
-        logits = self.model(tokens, positions, mask=None, cache=cache)[:, -1]
+        cache = self.pool.view([r.table for r in live], [r.length for r in live], positions)
+        logits = self.forward(tokens, positions, mask=None, cache=cache)[:, -1]
         greedy = logits.argmax(dim=-1).tolist()  # every greedy row's token at once
         for r, row, best in zip(live, logits, greedy, strict=True):
             self._next(r, row, best if r.params.temperature <= 0 else None)
 
-    def _prefill(self, r: Request) -> None:
-        n = len(r.prompt)
-        tokens = torch.tensor([r.prompt], device=self.device)
-        positions = torch.arange(n, device=self.device)[None]
-        cache = self.pool.view([r.table], [n])
-        logits = self.model(tokens, positions, mask=None, cache=cache, last_only=not r.params.prompt_logprobs)
-        if r.params.prompt_logprobs:
+    def _prefill_groups(self, requests: list[Request]) -> Iterator[list[Request]]:
+        """Requests to prefill together: by prompt length, at most ``max_prefill_tokens`` padded tokens a group;
+        alone, a request that wants its prompt's logprobs (its logits at every position)."""
+        group: list[Request] = []
+        for r in sorted(requests, key=lambda r: len(r.prompt)):
+            if r.params.prompt_logprobs:
+                yield [r]
+                continue
+            if group and (len(group) + 1) * len(r.prompt) > self.max_prefill_tokens:
+                yield group
+                group = []
+            group.append(r)
+        if group:
+            yield group
+
+    def _prefill(self, group: list[Request]) -> None:
+        """One forward over the prompts of ``group`` (left-padded to the longest), and each one's first token."""
+        width = max(len(r.prompt) for r in group)
+        self.prefill_sizes[len(group)] += 1
+        tokens = torch.tensor([[0] * (width - len(r.prompt)) + r.prompt for r in group], device=self.device)
+        positions = torch.tensor([[-1] * (width - len(r.prompt)) + list(range(len(r.prompt))) for r in group],
+                                 device=self.device)
+        cache = self.pool.view([r.table for r in group], [len(r.prompt) for r in group], positions)
+        echo = group[0].params.prompt_logprobs  # then the group is that one request
+        logits = self.forward(tokens, positions, mask=None, cache=cache, last_only=not echo)
+        if echo:
+            r, n = group[0], width
             logp = torch.log_softmax(logits[0].float(), dim=-1)
             r.prompt_logprobs = [None] + [float(logp[i, r.prompt[i + 1]]) for i in range(n - 1)]
             k = r.params.logprobs or 0
             r.prompt_top = [None] + [_top(logp[i], k) for i in range(n - 1)]
-        self.stats["prompt_tokens"] += n
-        self._next(r, logits[0, -1])
+        last = logits[:, -1]
+        greedy = last.argmax(dim=-1).tolist()
+        for r, row, best in zip(group, last, greedy, strict=True):
+            self.stats["prompt_tokens"] += len(r.prompt)
+            self._next(r, row, best if r.params.temperature <= 0 else None)
 
     def _next(self, r: Request, logits: torch.Tensor, token: int | None = None) -> None:
         """Sample request ``r``'s next token from its ``logits`` [vocab] (or take ``token``, already chosen);
@@ -266,9 +334,7 @@ class Engine:
             self._finish(r, "stop")
             return
         r.output.append(token)
-        text = self.tokenizer.decode(r.output)
-        stable = len(text) - (1 if text.endswith("\ufffd") else 0)  # a character still being spelled out
-        r.text = text[:stable]
+        r.text += r._utf8.decode(self.tokenizer.decode_bytes([token]))
         cut, hold = _stop_search(r.text, p.stop, r.sent)
         if cut is not None:
             delta = r.text[r.sent:cut]
@@ -291,7 +357,7 @@ class Engine:
         if r in self.running:
             self.running.remove(r)
         self.pool.free(r.table)
-        rest = self.tokenizer.decode(r.output)[r.sent:] if rest and r.output else ""
+        rest = (r.text + r._utf8.decode(b"", final=True))[r.sent:] if rest else ""
         r.sent += len(rest)
         r.emit(Event(text=rest, finish_reason=reason, error=error))
         self.stats[f"finished_{reason}"] += 1

@@ -43,6 +43,11 @@ class Metrics:
                 for size, count in sorted(engine.batch_sizes.items()):
                     steps.add_metric([str(size)], count)
                 yield steps
+                prefills = CounterMetricFamily("herd_prefill_forwards", "Prefill forwards, by requests prefilled "
+                                               "together", labels=["batch"])
+                for size, count in sorted(engine.prefill_sizes.items()):
+                    prefills.add_metric([str(size)], count)
+                yield prefills
 
         self.registry.register(_Engine())
 
