@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU-side check and benchmark, in one command, for one H100/H200 (at most 9 min 40 s in all):
 #   bash benchmarks/gpu_all.sh [OUT_DIR]
-# Needs a CUDA build of torch and the dev extras (transformers) installed; PYTHON picks the interpreter
-# (default python3). Each step has its own time limit, so one that hangs cannot take the others' time.
+# Needs a CUDA build of torch and the dev extras (transformers; for gpu_serve.py the serve extra and httpx)
+# installed; vLLM, where installed, is measured by gpu_serve.py too. PYTHON picks the interpreter (default
+# python3). Each step has its own time limit, so one that hangs cannot take the others' time.
 # Results: OUT_DIR/*.json and OUT_DIR/*.log.
 set -uo pipefail
 cd "$(dirname "$0")"
@@ -20,8 +21,10 @@ step() {  # step SECONDS NAME SCRIPT ARGS...
     [ "$rc" -eq 0 ] || { echo "=== $name: exit status $rc"; status=1; }
 }
 start=$SECONDS
-step 170 gpu_check gpu_check.py --quick
-step 200 gpu_decode gpu_decode.py --quick
-step 90 gpu_fsdp gpu_fsdp.py --quick  # FSDP at world size 1 vs unwrapped, activation checkpointing's memory
-step $((580 - (SECONDS - start))) gpu_train gpu_train.py --quick  # the rest of 580 s: 120 s or more
+# limits: 120 + 160 + 50 + 150 = 480 s at most, so gpu_train gets 100 s or more
+step 120 gpu_check gpu_check.py --quick  # writes its JSON after every check: a cut run keeps the ones done
+step 160 gpu_decode gpu_decode.py --quick
+step 50 gpu_fsdp gpu_fsdp.py --quick  # FSDP at world size 1 vs unwrapped, activation checkpointing's memory
+step 150 gpu_serve gpu_serve.py --quick  # the server through HTTP, then vLLM if installed (its own 140 s budget)
+step $((580 - (SECONDS - start))) gpu_train gpu_train.py --quick  # the rest of 580 s: 100 s or more
 exit $status
