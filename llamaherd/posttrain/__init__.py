@@ -1,0 +1,1 @@
+"""Post-training: SFT, reward model, rejection sampling, DPO, PPO, LoRA."""

@@ -1,0 +1,243 @@
+"""Post-training data: conversations and preference pairs in TRL's formats, as token ids and loss masks.
+
+    records = read_records("chat.jsonl")                 # JSONL (.gz) or Parquet rows, as dicts
+    example = encode_conversation(chat, to_messages(r))  # Example(ids, loss): loss on assistant turns only
+    loader = ChatLoader(examples, seq_len=512, batch_size=8, seed=0)   # packed rows, endless, resumable
+    batch = next(loader)                                 # data.loader.Batch(inputs, targets, doc_ids)
+
+Formats (one JSON object a line, or a Parquet row):
+
+    {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...]}
+    {"prompt": "..." or messages, "completion": "..." or messages}
+    {"prompt": messages, "chosen": messages, "rejected": messages, "edited": messages (optional)}
+
+A conversation is tokenised with the Llama 3 chat format (``tokenizer/chat.py``). Only the assistant's
+content and its ``<|eot_id|>`` carry loss (``eot_loss=False`` leaves the eot out too, as DPO's
+log-probabilities do); ``<|begin_of_text|>``, headers, system, user and tool turns do not. Several
+conversations are packed into one row, each its own document: the document mask keeps them apart and
+RoPE positions restart at each (``model/masks.py``), exactly as pretraining packs documents.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llamaherd.data.loader import IGNORE_INDEX, Batch
+from llamaherd.errors import HerdError
+from llamaherd.tokenizer.chat import ChatFormat, check_message
+
+CHAT_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+@dataclass
+class Example:
+    """One tokenised conversation: ``ids`` and, per token, whether the model is trained to predict it."""
+
+    ids: list[int]
+    loss: list[bool]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def chat_format(tokenizer) -> ChatFormat:
+    """The chat format of ``tokenizer``; a one-line error when it lacks the Llama 3 chat special tokens."""
+    missing = [t for t in CHAT_TOKENS if t not in getattr(tokenizer, "special_tokens", {})]
+    if missing:
+        raise HerdError(f"the tokenizer has no {', '.join(missing)}: post-training needs the Llama 3 chat special "
+                        "tokens (a Llama 3 tokenizer, or one trained by herd)")
+    return ChatFormat(tokenizer)
+
+
+def read_records(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """(where, record) for every row of a JSONL (``.jsonl``, ``.jsonl.gz``) or Parquet file."""
+    path = Path(path)
+    if not path.is_file():
+        raise HerdError(f"{path}: file not found")
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise HerdError(f"{path}: reading Parquet needs pyarrow (pip install 'llamaherd[data]')") from None
+        for i, row in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{path}: row {i}", row
+        return
+    if not name.endswith((".jsonl", ".jsonl.gz", ".json")):
+        raise HerdError(f"{path}: expected a .jsonl, .jsonl.gz or .parquet file")
+    opener = gzip.open if name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise HerdError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise HerdError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            yield where, record
+
+
+def _messages(value, role: str, where: str) -> list[dict]:
+    """A list of messages from a string (one message of ``role``) or a list of messages."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if not isinstance(value, list) or not value:
+        raise HerdError(f"{where}: expected a string or a non-empty list of messages")
+    for i, m in enumerate(value):
+        check_message(m, f"{where}[{i}]")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def to_messages(record: dict, where: str = "record") -> list[dict]:
+    """The conversation of a ``{"messages"}`` or ``{"prompt", "completion"}`` record."""
+    if "messages" in record:
+        return _messages(record["messages"], "user", f"{where}: messages")
+    if "prompt" in record and "completion" in record:
+        return (_messages(record["prompt"], "user", f"{where}: prompt")
+                + _messages(record["completion"], "assistant", f"{where}: completion"))
+    raise HerdError(f"{where}: expected 'messages', or 'prompt' and 'completion' (keys: {', '.join(record)})")
+
+
+def to_preference(record: dict, where: str = "record") -> dict[str, list[dict]]:
+    """``{"prompt", "chosen", "rejected"[, "edited"]}`` as message lists; chosen and rejected must differ."""
+    missing = [k for k in ("prompt", "chosen", "rejected") if k not in record]
+    if missing:
+        raise HerdError(f"{where}: a preference pair needs 'prompt', 'chosen' and 'rejected' (missing: "
+                        f"{', '.join(missing)})")
+    pair = {"prompt": _messages(record["prompt"], "user", f"{where}: prompt")}
+    for key in ("chosen", "rejected", "edited"):
+        if record.get(key) is not None:
+            pair[key] = _messages(record[key], "assistant", f"{where}: {key}")
+    if pair["chosen"] == pair["rejected"]:
+        raise HerdError(f"{where}: chosen and rejected are the same response; a pair must differ")
+    return pair
+
+
+def encode_conversation(chat: ChatFormat, messages: Sequence[dict], *, eot_loss: bool = True,
+                        where: str = "conversation") -> Example:
+    """Token ids of ``messages`` in the chat format (no generation prompt), loss on the assistant's content
+    (and its ``<|eot_id|>`` unless ``eot_loss`` is False)."""
+    if not any(m.get("role") == "assistant" for m in messages):
+        raise HerdError(f"{where}: has no assistant turn, so nothing to learn from")
+    tok = chat.tokenizer
+    ids, loss = [tok.bos_id], [False]
+    for i, m in enumerate(messages):
+        role, content = check_message(m, f"{where}: message {i}")
+        header = chat.encode_header(role)
+        body = tok.encode(content.strip())
+        learn = role == "assistant"
+        ids += header + body + [tok.eot_id]
+        loss += [False] * len(header) + [learn] * len(body) + [learn and eot_loss]
+    return Example(ids, loss)
+
+
+def encode_records(chat: ChatFormat, records, *, on_error=None) -> tuple[list[Example], int]:
+    """(examples, skipped) of (where, record) pairs; a bad record is a HerdError, or, with ``on_error``,
+    reported to it (``on_error(message)``) and counted as skipped."""
+    examples, skipped = [], 0
+    for where, record in records:
+        try:
+            examples.append(encode_conversation(chat, to_messages(record, where), where=where))
+        except HerdError as e:
+            if on_error is None:
+                raise
+            on_error(str(e))
+            skipped += 1
+    return examples, skipped
+
+
+def pack(examples: Sequence[Example], order: Sequence[int], seq_len: int) -> Iterator[tuple[np.ndarray, ...]]:
+    """Rows of ``seq_len`` positions: (inputs, targets, doc_ids), the examples of ``order`` placed whole and in
+    turn (a row closes when the next one does not fit; the rest is padding, its own document, no loss); an
+    example longer than a row is cut to ``seq_len + 1`` tokens."""
+    inputs = np.zeros(seq_len, dtype=np.int64)
+    targets = np.full(seq_len, IGNORE_INDEX, dtype=np.int64)
+    doc_ids = np.zeros(seq_len, dtype=np.int32)
+    used, doc = 0, 0
+    for i in order:
+        ex = examples[i]
+        ids, loss = ex.ids[:seq_len + 1], ex.loss[:seq_len + 1]
+        n = len(ids) - 1  # positions: each predicts the next token
+        if n < 1:
+            continue
+        if used + n > seq_len:
+            doc_ids[used:] = doc
+            yield inputs, targets, doc_ids
+            inputs = np.zeros(seq_len, dtype=np.int64)
+            targets = np.full(seq_len, IGNORE_INDEX, dtype=np.int64)
+            doc_ids = np.zeros(seq_len, dtype=np.int32)
+            used, doc = 0, 0
+        inputs[used:used + n] = ids[:-1]
+        targets[used:used + n] = np.where(loss[1:], ids[1:], IGNORE_INDEX)
+        doc_ids[used:used + n] = doc
+        used, doc = used + n, doc + 1
+    if used:
+        doc_ids[used:] = doc
+        yield inputs, targets, doc_ids
+
+
+def _batch(rows: list[tuple[np.ndarray, ...]]) -> Batch:
+    return Batch(*(torch.from_numpy(np.stack(column)) for column in zip(*rows, strict=True)))
+
+
+class ChatLoader:
+    """Endless batches of packed rows of ``examples``, shuffled anew each epoch from ``(seed, epoch)``.
+
+    With ``world`` data-parallel ranks, global batch ``g`` is rows ``g*W*B .. (g+1)*W*B`` of the stream of
+    rows (epoch after epoch) and rank ``rank`` takes its ``B`` of them. ``state_dict`` is the number of global
+    batches served; loading it replays the packing up to there (fast: no model involved)."""
+
+    def __init__(self, examples: Sequence[Example], seq_len: int, batch_size: int, seed: int = 0,
+                 rank: int = 0, world: int = 1):
+        if not examples:
+            raise HerdError("no training examples: the data is empty")
+        self.examples, self.seq_len, self.batch_size = examples, seq_len, batch_size
+        self.seed, self.rank, self.world = seed, rank, world
+        self.batches = 0
+        self._restart()
+
+    def _restart(self) -> None:
+        self._rows = self._stream()
+
+    def _stream(self) -> Iterator[tuple[np.ndarray, ...]]:
+        epoch = 0
+        while True:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+            yield from pack(self.examples, order, self.seq_len)
+            epoch += 1
+
+    def __iter__(self) -> "ChatLoader":
+        return self
+
+    def __next__(self) -> Batch:
+        rows = [next(self._rows) for _ in range(self.batch_size * self.world)]
+        self.batches += 1
+        return _batch(rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size])
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            raise HerdError(f"the checkpoint's data order has seed {state['seed']}, this run {self.seed}")
+        self.batches = 0
+        self._restart()
+        for _ in range(state["batches"] * self.batch_size * self.world):
+            next(self._rows)
+        self.batches = state["batches"]
+
+
+def eval_batches(examples: Sequence[Example], seq_len: int, batch_size: int) -> list[Batch]:
+    """The examples packed in their order, in batches (the last one may be smaller): the same every time."""
+    rows = list(pack(examples, range(len(examples)), seq_len))
+    return [_batch(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
