@@ -130,6 +130,26 @@ class SampleConfig:
 
 
 @dataclass
+class LoRASection:
+    # post-training with LoRA adapters (posttrain/lora.py); rank 0: full fine-tuning
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list = field(default_factory=lambda: ["wq", "wk", "wv", "wo"])  # any of wq wk wv wo w1 w2 w3
+
+
+@dataclass
+class PostTrainConfig:
+    data: list = field(default_factory=list)  # training records (.jsonl / .parquet); [] = the embedded default
+    eval_data: list = field(default_factory=list)  # held-out records; [] = the embedded held-out modules
+    max_examples: int = 0  # cap on training examples (0: all)
+    eval_examples: int = 64  # held-out examples scored (loss, and answers generated for token F1)
+    max_new_tokens: int = 48  # answer length when scoring held-out answers
+    beta: float = 0.1  # DPO: the strength of the KL constraint to the reference (Llama 3: 0.1)
+    nll_alpha: float = 0.2  # DPO: weight of the NLL term on the chosen response (Llama 3: 0.2; 0: plain DPO)
+
+
+@dataclass
 class RunConfig:
     name: str = "tiny"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -142,6 +162,8 @@ class RunConfig:
     fault: FaultConfig = field(default_factory=FaultConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    lora: LoRASection = field(default_factory=LoRASection)
+    posttrain: PostTrainConfig = field(default_factory=PostTrainConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -177,8 +177,10 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, *, mask=None,
-                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
-        """tokens [B, S] -> logits [B, S, vocab] (or [B, 1, vocab], the last position only, with ``last_only``).
+                cache: KVCache | None = None, last_only: bool = False, head: bool = True) -> torch.Tensor:
+        """tokens [B, S] -> logits [B, S, vocab] (or [B, 1, vocab], the last position only, with ``last_only``;
+        or without ``head`` the final normed hidden states [B, S, dim], for a head of the caller's own, e.g. a
+        reward model's).
 
         One signature for training, prefill and decoding, which differ only in what they pass:
 
@@ -206,7 +208,7 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, positions, mask, cache)
         if last_only:
             h = h[:, -1:]
-        return self.output(self.norm(h))
+        return self.output(self.norm(h)) if head else self.norm(h)
 
     def init_rope(self, device=None) -> None:
         """(Re)compute the RoPE tables, e.g. after building the model on the meta device."""

@@ -241,3 +241,104 @@ def eval_batches(examples: Sequence[Example], seq_len: int, batch_size: int) -> 
     """The examples packed in their order, in batches (the last one may be smaller): the same every time."""
     rows = list(pack(examples, range(len(examples)), seq_len))
     return [_batch(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+
+
+# --- preference pairs ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairExample:
+    """A tokenised preference pair: the same prompt with the chosen and with the rejected response."""
+
+    chosen: Example
+    rejected: Example
+
+
+def encode_pair(chat: ChatFormat, pair: dict, *, eot_loss: bool = True, where: str = "pair") -> PairExample:
+    """``{"prompt", "chosen", "rejected"}`` message lists (``to_preference``) as two conversations."""
+    return PairExample(encode_conversation(chat, pair["prompt"] + pair["chosen"], eot_loss=eot_loss, where=where),
+                       encode_conversation(chat, pair["prompt"] + pair["rejected"], eot_loss=eot_loss, where=where))
+
+
+def ranked_pairs(pair: dict) -> list[dict]:
+    """The pairs a record ranks: chosen > rejected and, with an ``edited`` response (Llama 3: edited >
+    chosen > rejected), edited > chosen and edited > rejected too."""
+    out = [pair]
+    if pair.get("edited") is not None and pair["edited"] != pair["chosen"]:
+        out += [{"prompt": pair["prompt"], "chosen": pair["edited"], "rejected": pair[k]}
+                for k in ("chosen", "rejected")]
+    return out
+
+
+@dataclass
+class PairBatch:
+    """``B`` pairs as ``2B`` rows, the chosen ones first: ``tokens`` right-padded, ``targets`` the next token
+    where it carries loss (else -100), ``last`` each row's last real position, ``index`` the pairs' numbers
+    in their dataset (to look precomputed reference log-probabilities up)."""
+
+    tokens: torch.Tensor  # [2B, S]
+    targets: torch.Tensor  # [2B, S]
+    last: torch.Tensor  # [2B]
+    index: torch.Tensor  # [B]
+
+    def to(self, device, non_blocking: bool = False) -> "PairBatch":
+        return PairBatch(*(t.to(device, non_blocking=non_blocking) for t in vars(self).values()))
+
+
+def pair_batch(pairs: Sequence[PairExample], index: Sequence[int], seq_len: int, pad_id: int = 0) -> PairBatch:
+    """The pairs ``index`` of ``pairs`` as a PairBatch, each row cut to ``seq_len`` tokens."""
+    rows = [pairs[i].chosen for i in index] + [pairs[i].rejected for i in index]
+    width = min(max(len(r) for r in rows), seq_len)
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    last = torch.zeros(len(rows), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids, loss = r.ids[:width], r.loss[:width]
+        n = len(ids)
+        tokens[b, :n] = torch.tensor(ids)
+        targets[b, :n - 1] = torch.tensor([t if keep else IGNORE_INDEX for t, keep in zip(ids[1:], loss[1:])])
+        last[b] = n - 1
+    return PairBatch(tokens, targets, last, torch.tensor(list(index), dtype=torch.long))
+
+
+class PairLoader:
+    """Endless batches of ``batch_size`` preference pairs, shuffled anew each epoch from ``(seed, epoch)``;
+    ``state_dict`` is the number of batches served (a resumed run continues with exactly the next one)."""
+
+    def __init__(self, pairs: Sequence[PairExample], seq_len: int, batch_size: int, seed: int = 0):
+        if not pairs:
+            raise HerdError("no preference pairs: the data is empty")
+        self.pairs, self.seq_len, self.batch_size, self.seed = pairs, seq_len, batch_size, seed
+        self.batches = 0
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its order)
+
+    def _indices(self, batch: int) -> list[int]:
+        n, out = len(self.pairs), []
+        for k in range(batch * self.batch_size, (batch + 1) * self.batch_size):
+            epoch, i = divmod(k, n)
+            if self._order is None or self._order[0] != epoch:
+                self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(n))
+            out.append(int(self._order[1][i]))
+        return out
+
+    def __iter__(self) -> "PairLoader":
+        return self
+
+    def __next__(self) -> PairBatch:
+        batch = pair_batch(self.pairs, self._indices(self.batches), self.seq_len)
+        self.batches += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            raise HerdError(f"the checkpoint's data order has seed {state['seed']}, this run {self.seed}")
+        self.batches = state["batches"]
+
+
+def pair_eval_batches(pairs: Sequence[PairExample], seq_len: int, batch_size: int) -> list[PairBatch]:
+    """The pairs in order, in batches: the same every time."""
+    return [pair_batch(pairs, range(i, min(i + batch_size, len(pairs))), seq_len)
+            for i in range(0, len(pairs), batch_size)]

@@ -67,9 +67,11 @@ def lr_at(step: int, cfg) -> float:
 
 
 def make_optimizer(model, cfg) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not on norm weights); the fused kernel on CPU and GPU."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    """AdamW over the parameters that train (frozen ones, e.g. under LoRA, are left out); weight decay on
+    matrices only (not on norm weights); the fused kernel on CPU and GPU."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = next(model.parameters()).device.type in ("cpu", "cuda")  # several times faster than foreach
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)
