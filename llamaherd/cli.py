@@ -15,7 +15,7 @@ from llamaherd.errors import HerdError
 # modules with a `register(subparsers)` function, in the order their commands are listed
 COMMAND_MODULES = [
     "llamaherd.train.cli",  # run (the main job), pretrain, recipes
-    "llamaherd.checkpoint.cli",  # convert, info
+    "llamaherd.checkpoint.cli",  # convert, info, average
     "llamaherd.generation.cli",  # generate, chat
     "llamaherd.tokenizer.cli",  # tokenizer encode/decode/train
     "llamaherd.data.cli",  # data clean/pack/inspect

@@ -1,4 +1,4 @@
-"""`herd convert` and `herd info`: checkpoints between Meta's, Hugging Face's and our layout."""
+"""`herd convert`, `herd info` and `herd average`: checkpoints between Meta's, Hugging Face's and our layout."""
 
 from __future__ import annotations
 
@@ -31,6 +31,16 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_info)
 
+    p = sub.add_parser("average", formatter_class=fmt, help="average several checkpoints of one model shape",
+                       description="Write the element-wise mean of several checkpoints (any layouts, one model "
+                                   "shape), as Meta averaged the models of several runs of each post-training "
+                                   "stage; herd layout, the first checkpoint's dtype and tokenizer.")
+    p.add_argument("ckpts", nargs="+", metavar="CKPT", help="checkpoint directories (two or more)")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--weights", type=float, nargs="+", default=None, help="one weight per checkpoint (default: equal)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it already holds a checkpoint")
+    p.set_defaults(func=_average)
+
 
 def _size(text: str) -> int:
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
@@ -49,6 +59,14 @@ def _convert(args) -> int:
     out = convert(args.src, args.dst, to=args.to, dtype=args.dtype, shards=args.shards,
                   max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     print(f"wrote {out} ({args.to} layout)")
+    return 0
+
+
+def _average(args) -> int:
+    from llamaherd.checkpoint.average import average
+
+    out = average(args.ckpts, args.out, weights=args.weights, overwrite=args.overwrite)
+    print(f"wrote {out}: the mean of {len(args.ckpts)} checkpoints")
     return 0
 
 
