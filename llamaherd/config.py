@@ -147,6 +147,12 @@ class PostTrainConfig:
     max_new_tokens: int = 48  # answer length when scoring held-out answers
     beta: float = 0.1  # DPO: the strength of the KL constraint to the reference (Llama 3: 0.1)
     nll_alpha: float = 0.2  # DPO: weight of the NLL term on the chosen response (Llama 3: 0.2; 0: plain DPO)
+    prompts: list = field(default_factory=list)  # rejection sampling: prompt records; [] = the embedded prompts
+    max_prompts: int = 0  # rejection sampling: prompts used (0: all)
+    samples_per_prompt: int = 4  # rejection sampling: K samples scored per prompt, the best kept
+    temperature: float = 0.8  # rejection sampling's sampling temperature
+    top_p: float = 1.0
+    sample_batch: int = 8  # prompts sampled together (K each); also the unit of resumption
 
 
 @dataclass

@@ -25,20 +25,30 @@ def logged(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def uninterrupted_and_killed(args: list[str], ref: Path, run: Path, kill_after: int, steps: int) -> None:
+def at_step(step: int):
+    """A run has logged training step ``step`` (or later)."""
+    def reached(run: Path) -> bool:
+        return (run / "metrics.jsonl").is_file() and any(r.get("step", 0) >= step for r in logged(run))
+    return reached
+
+
+def uninterrupted_and_killed(args: list[str], ref: Path, run: Path, kill_after: int, steps: int,
+                             kill_when=None, finished=None) -> None:
     """`herd *args --out ref` to its end; `herd *args --out run` SIGKILLed once it has logged step
-    ``kill_after``, then run again to its end."""
+    ``kill_after`` (or once ``kill_when(run)``) and checked not to have logged step ``steps`` (or not to be
+    ``finished(run)``), then run again to its end."""
+    kill_when, finished = kill_when or at_step(kill_after), finished or at_step(steps)
     proc = herd(*args, "--out", str(ref))
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     proc = herd(*args, "--out", str(run))
     deadline = time.time() + 120
-    while not (run / "metrics.jsonl").is_file() or not any(r.get("step", 0) >= kill_after for r in logged(run)):
+    while not kill_when(run):
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ""
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    assert max(r["step"] for r in logged(run) if "loss" in r) < steps, "the run finished before it was killed"
+    assert not finished(run), "the run finished before it was killed"
     proc = herd(*args, "--out", str(run))
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err

@@ -1,4 +1,4 @@
-"""`herd sft | rm | dpo`: post-training commands."""
+"""`herd sft | rm | sample | dpo`: post-training commands."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ DATA_HELP = {
     "sft": "conversations: {\"messages\": [...]} or {\"prompt\", \"completion\"}",
     "rm": "preference pairs: {\"prompt\", \"chosen\", \"rejected\"[, \"edited\"]}",
     "dpo": "preference pairs: {\"prompt\", \"chosen\", \"rejected\"[, \"edited\"]}",
+    "sample": "prompts: {\"prompt\"} or {\"messages\"} (the turns before the last reply)",
 }
 
 
-def _stage(sub, name: str, help: str, description: str, examples: list[str], func) -> None:
+def _stage(sub, name: str, help: str, description: str, examples: list[str], func):
     p = sub.add_parser(name, help=help, formatter_class=argparse.RawDescriptionHelpFormatter,
                        description=description + "\nRunning it again on the same --out resumes.",
                        epilog="examples:\n" + "\n".join(f"  {e}" for e in examples))
@@ -25,6 +26,7 @@ def _stage(sub, name: str, help: str, description: str, examples: list[str], fun
     p.add_argument("--out", required=True, help="output directory (checkpoints, metrics, a result JSON)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=func)
+    return p
 
 
 def register(sub) -> None:
@@ -39,6 +41,14 @@ def register(sub) -> None:
            "Train a reward model: the checkpoint's backbone with a scalar head, Bradley-Terry loss without a\n"
            "margin term; accuracy on held-out pairs (rm_result.json).",
            ["herd rm runs/tiny/sft/checkpoints/step_0000150 --out runs/tiny/rm"], cmd_rm)
+    p = _stage(sub, "sample", "rejection sampling: best of K by a reward model, then SFT on the best",
+               "Sample posttrain.samples_per_prompt replies to each prompt (--data, or the embedded prompts) from\n"
+               "the policy, score them with the reward model, keep each prompt's best (best.jsonl, samples.jsonl,\n"
+               "rs_stats.json: the score distribution), and fine-tune the policy on the kept conversations into\n"
+               "OUT/sft.",
+               ["herd sample runs/tiny/sft/checkpoints/step_0000150 --reward-model runs/tiny/rm/checkpoints/"
+                "step_0000100 --out runs/tiny/rs"], cmd_sample)
+    p.add_argument("--reward-model", required=True, metavar="CKPT", help="a reward model checkpoint (herd rm)")
     _stage(sub, "dpo", "direct preference optimisation (Llama 3's recipe)",
            "DPO from a checkpoint (usually the SFT model, also the frozen reference): beta 0.1, lr 1e-5,\n"
            "formatting tokens masked, an NLL term of 0.2 on the chosen response. Held-out preference\n"
@@ -93,4 +103,20 @@ def cmd_dpo(args) -> int:
     console.print(f"dpo: {numbers['pairs']} pairs, {result.steps} steps; held-out preference accuracy "
                   f"{numbers['heldout_pair_accuracy']:.3f} (before: {numbers['sft_heldout_pair_accuracy']:.3f})")
     print(result.checkpoint)
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from llamaherd.posttrain.rejection import rejection_sampling
+
+    console = _console()
+    cfg = _config(args)
+    cfg.posttrain.prompts, cfg.posttrain.data = cfg.posttrain.data, []  # --data names the prompts here
+    result = rejection_sampling(args.base, args.reward_model, cfg, args.out, progress=not args.no_progress,
+                                console=console)
+    s = result.stats
+    console.print(f"rejection sampling: {result.samples} prompts x {cfg.posttrain.samples_per_prompt}; reward "
+                  f"mean {s['all']['mean']:.3f}, best-of mean {s['best']['mean']:.3f} (+{s['gain']:.3f}); "
+                  f"fine-tuned: held-out token F1 {result.sft.heldout_token_f1:.3f}")
+    print(result.sft.train.checkpoint)
     return 0
