@@ -19,7 +19,7 @@ COMMAND_MODULES = [
     "llamaherd.generation.cli",  # generate, chat
     "llamaherd.tokenizer.cli",  # tokenizer encode/decode/train
     "llamaherd.data.cli",  # data clean/pack/inspect
-    "llamaherd.posttrain.cli",  # sft, rm, sample, dpo
+    "llamaherd.posttrain.cli",  # sft, rm, sample, dpo, ppo
     "llamaherd.serve.cli",  # serve
 ]
 

@@ -153,6 +153,15 @@ class PostTrainConfig:
     temperature: float = 0.8  # rejection sampling's sampling temperature
     top_p: float = 1.0
     sample_batch: int = 8  # prompts sampled together (K each); also the unit of resumption
+    ppo_rollout: int = 16  # PPO: prompts sampled per rollout
+    ppo_epochs: int = 2  # PPO: optimizer steps on each rollout
+    kl_coef: float = 0.05  # PPO: per-token KL penalty to the reference (TRL's default)
+    kl_target: float = 6.0  # PPO: the KL (nats a reply) a run should stay under
+    gamma: float = 1.0  # PPO's GAE discount and lambda (TRL's defaults)
+    lam: float = 0.95
+    cliprange: float = 0.2  # PPO's clipping of the policy ratio and of the values (TRL's defaults)
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1  # PPO: weight of the value loss (TRL's default)
 
 
 @dataclass

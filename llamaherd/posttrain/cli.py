@@ -1,4 +1,4 @@
-"""`herd sft | rm | sample | dpo`: post-training commands."""
+"""`herd sft | rm | sample | dpo | ppo`: post-training commands."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ DATA_HELP = {
     "rm": "preference pairs: {\"prompt\", \"chosen\", \"rejected\"[, \"edited\"]}",
     "dpo": "preference pairs: {\"prompt\", \"chosen\", \"rejected\"[, \"edited\"]}",
     "sample": "prompts: {\"prompt\"} or {\"messages\"} (the turns before the last reply)",
+    "ppo": "prompts: {\"prompt\"} or {\"messages\"} (the turns before the last reply)",
 }
 
 
@@ -48,6 +49,14 @@ def register(sub) -> None:
                "OUT/sft.",
                ["herd sample runs/tiny/sft/checkpoints/step_0000150 --reward-model runs/tiny/rm/checkpoints/"
                 "step_0000100 --out runs/tiny/rs"], cmd_sample)
+    p.add_argument("--reward-model", required=True, metavar="CKPT", help="a reward model checkpoint (herd rm)")
+    p = _stage(sub, "ppo", "PPO against a reward model, with a KL penalty to the starting policy",
+               "Train a policy (with a value head) by PPO: rollouts of posttrain.ppo_rollout prompts (--data, or the\n"
+               "embedded prompts) scored by the reward model at the end of each reply, a per-token KL penalty to\n"
+               "the frozen starting policy, GAE (gamma 1, lambda 0.95), clipped policy and value losses (TRL's\n"
+               "defaults). Logs reward, KL and entropy (ppo_result.json).",
+               ["herd ppo runs/tiny/sft/checkpoints/step_0000150 --reward-model runs/tiny/rm/checkpoints/"
+                "step_0000100 --out runs/tiny/ppo"], cmd_ppo)
     p.add_argument("--reward-model", required=True, metavar="CKPT", help="a reward model checkpoint (herd rm)")
     _stage(sub, "dpo", "direct preference optimisation (Llama 3's recipe)",
            "DPO from a checkpoint (usually the SFT model, also the frozen reference): beta 0.1, lr 1e-5,\n"
@@ -119,4 +128,17 @@ def cmd_sample(args) -> int:
                   f"mean {s['all']['mean']:.3f}, best-of mean {s['best']['mean']:.3f} (+{s['gain']:.3f}); "
                   f"fine-tuned: held-out token F1 {result.sft.heldout_token_f1:.3f}")
     print(result.sft.train.checkpoint)
+    return 0
+
+
+def cmd_ppo(args) -> int:
+    from llamaherd.posttrain.ppo import ppo
+
+    console = _console()
+    cfg = _config(args)
+    cfg.posttrain.prompts, cfg.posttrain.data = cfg.posttrain.data, []  # --data names the prompts here
+    result, n = ppo(args.base, args.reward_model, cfg, args.out, progress=not args.no_progress, console=console)
+    console.print(f"ppo: {result.steps} steps; reward {n['initial_reward']:.3f} -> {n['reward']:.3f}, "
+                  f"KL {n['kl']:.3f} (target under {n['kl_target']})")
+    print(result.checkpoint)
     return 0

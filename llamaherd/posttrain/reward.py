@@ -29,6 +29,8 @@ from llamaherd.train.trainer import TrainResult, check_writable
 class RewardModel(nn.Module):
     """``backbone`` (a Transformer) and ``head``, a linear map of its hidden state to one number."""
 
+    head_key = "reward_head"  # where a checkpoint's train state keeps the head
+
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone

@@ -57,15 +57,16 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
 
 class PostTrainer(Trainer):
     """``Trainer`` whose checkpoints also work for a model with LoRA adapters (see the module docstring), and
-    for a model with a ``backbone`` and a ``head`` (the reward model): the backbone is the checkpoint's model,
-    the head's weight goes in ``train_state.pt`` as ``reward_head``."""
+    for a model with a ``backbone`` and a ``head`` (the reward model, PPO's policy with its value head): the
+    backbone is the checkpoint's model, the head's weight goes in ``train_state.pt`` under the model's
+    ``head_key``."""
 
     def state_dict(self) -> dict:
         if hasattr(self.model, "backbone"):
             state = super().state_dict()
             model = state["model"]
             state["model"] = {k.removeprefix("backbone."): v for k, v in model.items() if k.startswith("backbone.")}
-            state["reward_head"] = model["head.weight"]
+            state[self.model.head_key] = model["head.weight"]
             return state
         if not _is_lora(self.model):
             return super().state_dict()
@@ -77,11 +78,12 @@ class PostTrainer(Trainer):
 
     def load_state_dict(self, state: dict) -> None:
         if hasattr(self.model, "backbone"):
-            if "reward_head" not in state:
-                raise HerdError("this checkpoint holds no reward head: it was written by another stage; use another "
-                                "--out")
+            key = self.model.head_key
+            if key not in state:
+                raise HerdError(f"this checkpoint holds no {key.replace('_', ' ')}: it was written by another stage; "
+                                "use another --out")
             model = {f"backbone.{k}": v for k, v in state["model"].items()}
-            return super().load_state_dict({**state, "model": {**model, "head.weight": state["reward_head"]}})
+            return super().load_state_dict({**state, "model": {**model, "head.weight": state[key]}})
         if not _is_lora(self.model):
             return super().load_state_dict(state)
         from llamaherd.posttrain.lora import load_lora_state_dict
