@@ -165,6 +165,15 @@ class PostTrainConfig:
 
 
 @dataclass
+class PostTrainingConfig:
+    # what `herd run` does after pretraining, in order: any of sft, reward_model, rejection_sampling, dpo, ppo
+    stages: list = field(default_factory=list)
+    # per stage, `key=value` overrides of its built-in recipe (sft, rm, sample, dpo, ppo), e.g.
+    # {sft = ["train.steps=300", "train.lr=2e-3"]}
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
 class RunConfig:
     name: str = "tiny"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -179,6 +188,7 @@ class RunConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     lora: LoRASection = field(default_factory=LoRASection)
     posttrain: PostTrainConfig = field(default_factory=PostTrainConfig)
+    posttraining: PostTrainingConfig = field(default_factory=PostTrainingConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

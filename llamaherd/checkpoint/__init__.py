@@ -37,9 +37,13 @@ def resolve(path: str | os.PathLike) -> Path:
     """The checkpoint directory ``path`` names.
 
     A training run directory (``runs/NAME``, with ``checkpoints/step_*/``) names its newest checkpoint
-    whose checksums verify, so ``load``/``convert``/``info``/``herd generate`` accept a run directory.
+    whose checksums verify, so ``load``/``convert``/``info``/``herd generate`` accept a run directory. A main
+    job's run that went on to post-training (``results.json``) names its last stage's model: its chat model.
     """
     path = Path(path)
+    final = _final_stage(path)
+    if final is not None:
+        return final
     if (path / "checkpoints").is_dir() and not any((path / m).is_file() for m in _MARKERS.values()):
         from llamaherd.checkpoint.runs import latest_good
 
@@ -48,6 +52,18 @@ def resolve(path: str | os.PathLike) -> Path:
             raise HerdError(f"{path}: training run has no complete checkpoint yet")
         return ckpt
     return path
+
+
+def _final_stage(run_dir: Path) -> Path | None:
+    """The checkpoint of the last stage in ``run_dir/results.json``, when there is one and it exists."""
+    import json
+
+    try:
+        stages = json.loads((run_dir / "results.json").read_text())["stages"]
+        final = Path(stages[-1]["checkpoint"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+    return final if len(stages) > 1 and final.is_dir() else None
 
 
 def detect(path: str | os.PathLike) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 _SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}
 
@@ -87,14 +88,39 @@ def _split_overrides(args) -> list[str]:
 def cmd_run(args) -> int:
     from rich.console import Console
 
+    from llamaherd.config import load_config
+    from llamaherd.posttrain.run import check_stages, report_lines, run_stages
     from llamaherd.train.run import print_summary, run
 
     console = Console(stderr=True)
     overrides = _split_overrides(args)
+    cfg = load_config(args.recipe or "tiny", overrides)
+    check_stages(cfg)  # post-training's settings are checked before any work too
     summary = run(args.recipe, overrides, args.out, progress=not args.no_progress, console=console, nproc=args.nproc)
     if summary.train.stopped_by:
         return _SIGNAL_EXIT.get(summary.train.stopped_by, 1)
-    print_summary(summary, Console())
+    if cfg.posttraining.stages:
+        def announce(name, fn, *a):
+            console.print(f"[bold cyan]▶ {name.replace('_', ' ')}[/]")
+            t0 = time.perf_counter()
+            out = fn(*a)
+            summary.stages.append((name.replace("_", " "), time.perf_counter() - t0, ""))
+            return out
+
+        results = run_stages(cfg, summary.run_dir, summary.train.checkpoint,
+                             {"val_bpb": summary.train.val_bpb, "val_loss": summary.train.val_loss},
+                             progress=not args.no_progress, console=console, announce=announce)
+        report = summary.run_dir / "report.md"
+        report.write_text(report.read_text() + "\n".join(report_lines(results)) + "\n")
+    out = Console()
+    print_summary(summary, out)
+    if cfg.posttraining.stages:
+        for r in results:
+            numbers = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in r["metrics"].items()
+                                if v is not None)
+            out.print(f"[bold]{r['stage']}[/]: {numbers}")
+        out.print("chat with the final model:")
+        print(f"herd chat {summary.run_dir}", flush=True)  # the last line, whole (a script may run it)
     return 0
 
 
