@@ -1,11 +1,13 @@
 """`herd sample`: rejection sampling — K samples per prompt, the reward model's favourite kept, the policy
 fine-tuned on the kept ones; resumable bit for bit."""
 
+import io
 import json
 
 import pytest
 import torch
 from posttrain_runs import assert_same_run, save_byte_base, uninterrupted_and_killed
+from rich.console import Console
 from test_posttrain_preference import pairs
 
 from llamaherd.config import load_config
@@ -41,7 +43,9 @@ def test_the_best_of_k_by_the_reward_model_is_kept_and_trained_on(setup, tmp_pat
     tmp, rm_ckpt = setup
     cfg = load_config("sample", overrides())
     cfg.posttrain.prompts = [str(tmp / "prompts.jsonl")]
-    result = rejection_sampling(tmp / "policy", rm_ckpt, cfg, tmp_path / "rs", progress=False)
+    console = Console(file=io.StringIO(), force_terminal=True)  # with progress bars, as `herd run` shows them
+    result = rejection_sampling(tmp / "policy", rm_ckpt, cfg, tmp_path / "rs", progress=True, console=console)
+    assert "rejection sampling" in console.file.getvalue()
     records = [json.loads(line) for line in (tmp_path / "rs" / "samples.jsonl").read_text().splitlines()]
     assert result.samples == len(records) == 24 and all(len(r["samples"]) == 3 for r in records)
     # each score is the reward model's score of that conversation alone, and the kept one is the highest

@@ -153,9 +153,10 @@ def rejection_sampling(policy_path: str | Path, rm_path: str | Path, cfg: RunCon
     if len(records) > len(prompts) or (len(records) % step and len(records) < len(prompts)):
         raise HerdError(f"{samples_path}: holds {len(records)} prompts, not what this run's batches of {step} "
                         f"from {len(prompts)} prompts write; use another --out")
-    from llamaherd.train.trainer import _progress
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    with _progress(progress, console) as bar:
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, disable=not progress) as bar:
         task = bar.add_task("rejection sampling", total=len(prompts), completed=len(records))
         with open(samples_path, "a", encoding="utf-8") as f:
             for start in range(len(records), len(prompts), step):
