@@ -161,7 +161,7 @@ def ppo(policy_path: str | Path, rm_path: str | Path, cfg: RunConfig, out_dir: s
     from llamaherd.posttrain.data import chat_format
     from llamaherd.posttrain.rejection import load_prompts
     from llamaherd.posttrain.reward import load_reward_model
-    from llamaherd.posttrain.train import PostTrainer
+    from llamaherd.posttrain.train import PostTrainer, start_from
     from llamaherd.train.trainer import resolve_device
 
     out_dir = Path(out_dir)
@@ -171,9 +171,7 @@ def ppo(policy_path: str | Path, rm_path: str | Path, cfg: RunConfig, out_dir: s
     check_writable(out_dir)
     torch.manual_seed(tcfg.seed)
     device = resolve_device(tcfg.device)
-    backbone, tokenizer = load(policy_path, device=device, dtype=torch.float32)
-    if tokenizer is None:
-        raise HerdError(f"{policy_path}: the checkpoint has no tokenizer: PPO needs one")
+    backbone, tokenizer = start_from(policy_path, cfg)  # (no LoRA: checked above)
     reference, _ = load(policy_path, device=device, dtype=torch.float32, tokenizer=False)
     reference.eval().requires_grad_(False)
     rm = load_reward_model(rm_path, device=device).requires_grad_(False)
