@@ -21,10 +21,11 @@ step() {  # step SECONDS NAME SCRIPT ARGS...
     [ "$rc" -eq 0 ] || { echo "=== $name: exit status $rc"; status=1; }
 }
 start=$SECONDS
-# limits: 120 + 160 + 50 + 150 = 480 s at most, so gpu_train gets 100 s or more
-step 120 gpu_check gpu_check.py --quick  # writes its JSON after every check: a cut run keeps the ones done
-step 160 gpu_decode gpu_decode.py --quick
+# limits: 100 + 135 + 50 + 90 + 125 = 500 s at most, so gpu_train gets 80 s or more
+step 100 gpu_check gpu_check.py --quick  # writes its JSON after every check: a cut run keeps the ones done
+step 135 gpu_decode gpu_decode.py --quick
 step 50 gpu_fsdp gpu_fsdp.py --quick  # FSDP at world size 1 vs unwrapped, activation checkpointing's memory
-step 150 gpu_serve gpu_serve.py --quick  # the server through HTTP, then vLLM if installed (its own 140 s budget)
-step $((580 - (SECONDS - start))) gpu_train gpu_train.py --quick  # the rest of 580 s: 100 s or more
+step 90 gpu_posttrain gpu_posttrain.py --quick  # peak memory and tokens/s of LoRA vs full SFT, llama3.2-1b shape
+step 125 gpu_serve gpu_serve.py --quick --budget 115  # the server through HTTP, then vLLM if installed, in budget
+step $((580 - (SECONDS - start))) gpu_train gpu_train.py --quick  # the rest of 580 s: 80 s or more
 exit $status
