@@ -14,8 +14,10 @@ from llamaherd.model.masks import doc_mask, doc_positions
 from llamaherd.model.transformer import Transformer
 from llamaherd.posttrain.data import (
     ChatLoader,
+    PairLoader,
     chat_format,
     encode_conversation,
+    encode_pair,
     encode_records,
     eval_batches,
     pack,
@@ -100,6 +102,30 @@ def test_the_loader_resumes_exactly_and_ranks_take_different_rows():
         w = next(whole)
         assert torch.equal(torch.cat([next(r0).inputs, next(r1).inputs]), w.inputs)
     assert sum(b.inputs.shape[0] for b in eval_batches(exs, 48, 4)) == len(list(pack(exs, range(40), 48)))
+
+
+def test_the_pair_loader_serves_each_pair_once_an_epoch_grouped_by_length_and_resumes_exactly():
+    def pair(i):  # most pairs short, one in five long
+        answer = ("x" * 150) if i % 5 == 0 else f"a{i}"
+        return encode_pair(CHAT, {"prompt": [{"role": "user", "content": f"q{i}"}],
+                                  "chosen": [{"role": "assistant", "content": answer}],
+                                  "rejected": [{"role": "assistant", "content": answer + "!"}]})
+
+    pairs = [pair(i) for i in range(160)]
+    grouped, plain = PairLoader(pairs, 256, 4, seed=1), PairLoader(pairs, 256, 4, seed=1, group=1)
+    for loader in (grouped, plain):
+        epoch = [next(loader) for _ in range(40)]
+        served = torch.cat([b.index for b in epoch]).tolist()
+        assert sorted(served) == list(range(160))  # every pair once
+        loader.width = sum(b.tokens.shape[1] for b in epoch)  # the padded length served in the epoch
+    assert grouped.width < 0.6 * plain.width  # short pairs are batched with short ones
+    state = grouped.state_dict()
+    expected = [next(grouped) for _ in range(50)]  # into the third epoch: drawn again
+    again = PairLoader(pairs, 256, 4, seed=1)
+    again.load_state_dict(state)
+    for want in expected:
+        got = next(again)
+        assert all(torch.equal(x, y) for x, y in zip(vars(got).values(), vars(want).values(), strict=True))
 
 
 def test_records_in_trl_formats(tmp_path):

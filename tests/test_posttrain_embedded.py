@@ -86,6 +86,7 @@ def test_preference_pairs_reject_a_plausible_wrong_answer(data):
             if pair["kind"] == "explain":  # another function of the same split, its real answer
                 other = examples[pair["negative"].removeprefix("other:")]
                 assert other["id"] != pair["id"] and other["messages"][1]["content"] == rejected
+                assert 1 / embedded.LENGTH_RATIO <= len(rejected) / len(chosen) <= embedded.LENGTH_RATIO
                 assert split_of(other["module"]) == split
             else:
                 tree, original = ast.parse(rejected), ast.parse(chosen)

@@ -71,6 +71,7 @@ def test_dpo_raises_heldout_preference_accuracy(setup, tmp_path, nll_alpha):
     result, numbers = dpo(setup / "base", cfg, tmp_path / "dpo", progress=False)
     assert numbers["heldout_pair_accuracy"] >= numbers["sft_heldout_pair_accuracy"] + 0.3, numbers
     assert numbers["heldout_pair_accuracy"] >= 0.9, numbers
+    assert numbers["heldout_implicit_reward_accuracy"] >= 0.9, numbers  # against the starting model
     logged = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in logged if "loss" in r]
     assert len(steps) == 40 and all({"reward_margin", "implicit_reward_accuracy"} <= set(r) for r in steps)

@@ -303,21 +303,40 @@ def pair_batch(pairs: Sequence[PairExample], index: Sequence[int], seq_len: int,
 
 class PairLoader:
     """Endless batches of ``batch_size`` preference pairs, shuffled anew each epoch from ``(seed, epoch)``;
-    ``state_dict`` is the number of batches served (a resumed run continues with exactly the next one)."""
+    ``state_dict`` is the number of batches served (a resumed run continues with exactly the next one).
 
-    def __init__(self, pairs: Sequence[PairExample], seq_len: int, batch_size: int, seed: int = 0):
+    Grouped by length, as Hugging Face's ``group_by_length``: each run of ``group`` batches' worth of the
+    shuffled pairs is sorted by length and cut into batches, which are then shuffled, so that a batch of
+    short pairs is not padded to one long pair's length (``group=1``: plain shuffling)."""
+
+    def __init__(self, pairs: Sequence[PairExample], seq_len: int, batch_size: int, seed: int = 0, group: int = 32):
         if not pairs:
             raise HerdError("no preference pairs: the data is empty")
-        self.pairs, self.seq_len, self.batch_size, self.seed = pairs, seq_len, batch_size, seed
+        self.pairs, self.seq_len, self.batch_size, self.seed, self.group = pairs, seq_len, batch_size, seed, group
+        self.lengths = np.array([max(len(p.chosen), len(p.rejected)) for p in pairs])
         self.batches = 0
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, its order)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.pairs))
+        span = self.batch_size * self.group
+        if self.group <= 1:
+            return order
+        out = []
+        for start in range(0, len(order), span):
+            chunk = order[start : start + span]
+            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            batches = [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+            out += [batches[i] for i in rng.permutation(len(batches))]
+        return np.concatenate(out)
 
     def _indices(self, batch: int) -> list[int]:
         n, out = len(self.pairs), []
         for k in range(batch * self.batch_size, (batch + 1) * self.batch_size):
             epoch, i = divmod(k, n)
             if self._order is None or self._order[0] != epoch:
-                self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(n))
+                self._order = (epoch, self._epoch_order(epoch))
             out.append(int(self._order[1][i]))
         return out
 
@@ -339,6 +358,9 @@ class PairLoader:
 
 
 def pair_eval_batches(pairs: Sequence[PairExample], seq_len: int, batch_size: int) -> list[PairBatch]:
-    """The pairs in order, in batches: the same every time."""
-    return [pair_batch(pairs, range(i, min(i + batch_size, len(pairs))), seq_len)
-            for i in range(0, len(pairs), batch_size)]
+    """Every pair once, in batches of pairs of about the same length (each batch's ``index`` says which),
+    the batches in an order drawn once from seed 0 (so that the first few, which the Trainer's periodic
+    evaluation reads, mix lengths): the same every time."""
+    order = sorted(range(len(pairs)), key=lambda i: -max(len(pairs[i].chosen), len(pairs[i].rejected)))
+    batches = [pair_batch(pairs, order[i : i + batch_size], seq_len) for i in range(0, len(pairs), batch_size)]
+    return [batches[i] for i in np.random.default_rng(0).permutation(len(batches))]

@@ -11,8 +11,11 @@ with coefficient 0.2 on the chosen response (``posttrain.nll_alpha``).
 
 Held-out preference accuracy: the share of held-out pairs whose chosen response the model gives a higher
 log-probability than the rejected one (the ranking of the implicit reward beta * log pi(y|x) / pi_ref(y|x)
-under a reference that prefers neither), for the starting model and for the trained one. The implicit
-reward's accuracy against the actual reference is logged too (``implicit_reward_accuracy``).
+under a reference that prefers neither), for the starting model and for the trained one: one yardstick for
+both. The implicit reward's accuracy against the actual reference (the starting model), TRL's
+``rewards/accuracies``, is reported too: on the held-out pairs after training
+(``heldout_implicit_reward_accuracy``; 0.5 is chance, the starting model's own rewards are all 0) and on
+each training batch (``implicit_reward_accuracy``).
 """
 
 from __future__ import annotations
@@ -42,17 +45,18 @@ def pair_logps(model, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def reference_logps(model, pairs: list, seq_len: int, batch_size: int) -> torch.Tensor:
-    """[N, 2]: the (chosen, rejected) log-probabilities of every pair under ``model``, computed once."""
+    """[N, 2]: the (chosen, rejected) log-probabilities of every pair under ``model`` (the reference's are
+    computed once, before training)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out = []
+    out = torch.zeros(len(pairs), 2)
     for batch in pair_eval_batches(pairs, seq_len, batch_size):
         seq, _ = pair_logps(model, batch.to(device))
         b = len(batch.index)
-        out.append(torch.stack([seq[:b], seq[b:]], dim=1).float().cpu())
+        out[batch.index] = torch.stack([seq[:b], seq[b:]], dim=1).float().cpu()
     model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, 2)
+    return out
 
 
 class DPOLoss:
@@ -74,20 +78,9 @@ class DPOLoss:
         return LossOutput(out.loss, b, {"reward_margin": out.margin, "implicit_reward_accuracy": out.accuracy})
 
 
-@torch.no_grad()
-def preference_accuracy(model, batches: list[PairBatch]) -> float:
-    """Share of pairs whose chosen response ``model`` gives the higher log-probability."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    right = total = 0
-    for batch in batches:
-        seq, _ = pair_logps(model, batch.to(device))
-        b = len(batch.index)
-        right += int((seq[:b] > seq[b:]).sum())
-        total += b
-    model.train(was_training)
-    return right / max(total, 1)
+def preference_accuracy(logps: torch.Tensor) -> float:
+    """Share of pairs whose chosen response has the higher of the two numbers in ``logps`` [N, 2]."""
+    return int((logps[:, 0] > logps[:, 1]).sum()) / len(logps) if len(logps) else 0.0
 
 
 def dpo(base: str | Path, cfg: RunConfig, out_dir: str | Path, *, progress: bool = True,
@@ -112,9 +105,9 @@ def dpo(base: str | Path, cfg: RunConfig, out_dir: str | Path, *, progress: bool
     if ref.shape != (len(pairs), 2):
         raise HerdError(f"{ref_path}: holds {ref.shape[0]} pairs' reference log-probabilities, this run has "
                         f"{len(pairs)}; use another --out")
-    before = preference_accuracy(model, eval_batches)
+    heldout_ref = reference_logps(model, heldout, tcfg.seq_len, tcfg.batch_size)
     # held-out pairs look their reference up after the training pairs' (validation loss uses the same loss)
-    ref = torch.cat([ref, reference_logps(model, heldout, tcfg.seq_len, tcfg.batch_size)])
+    ref = torch.cat([ref, heldout_ref])
     for batch in eval_batches:
         batch.index += len(pairs)
     loader = PairLoader(pairs, tcfg.seq_len, tcfg.batch_size, seed=tcfg.seed)
@@ -123,9 +116,12 @@ def dpo(base: str | Path, cfg: RunConfig, out_dir: str | Path, *, progress: bool
                           name="dpo", progress=progress, console=console)
     trainer.resume()
     result = trainer.fit()
-    after = preference_accuracy(model, eval_batches)
-    numbers = {"heldout_pair_accuracy": after, "sft_heldout_pair_accuracy": before, "pairs": len(pairs),
-               "heldout_pairs": len(heldout), "skipped": skipped, "beta": pcfg.beta, "nll_alpha": pcfg.nll_alpha}
+    heldout_after = reference_logps(model, heldout, tcfg.seq_len, tcfg.batch_size)
+    numbers = {"heldout_pair_accuracy": preference_accuracy(heldout_after),
+               "sft_heldout_pair_accuracy": preference_accuracy(heldout_ref),
+               "heldout_implicit_reward_accuracy": preference_accuracy(heldout_after - heldout_ref),
+               "pairs": len(pairs), "heldout_pairs": len(heldout), "skipped": skipped, "beta": pcfg.beta,
+               "nll_alpha": pcfg.nll_alpha}
     record = {**numbers, "checkpoint": str(result.checkpoint), "train_loss": result.train_loss, "steps": result.steps}
     (out_dir / "dpo_result.json").write_text(json.dumps(record, indent=2) + "\n")
     return result, numbers

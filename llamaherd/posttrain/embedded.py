@@ -11,7 +11,8 @@ so the same Python version gives the same data. Two kinds of instruction example
   MAX_LINES lines and MAX_CHARS characters whose docstring starts with a verb.
 
 Preference pairs reuse the prompts and choose the right answer; the rejected one is another
-function's first paragraph (explain) or the same source with one small bug (write, see CORRUPTIONS).
+function's first paragraph of about the same length (explain) or the same source with one small bug
+(write, see CORRUPTIONS).
 
 Modules come in the corpus's hash order, functions in source order. Splits are by module, as in
 ``stdlib_corpus``: "val" is exactly the modules that ``split_of`` holds out, so no module gives
@@ -22,6 +23,7 @@ examples to both. Private modules (a dotted part starting with "_"), test suites
 from __future__ import annotations
 
 import ast
+import bisect
 import random
 import re
 from functools import lru_cache
@@ -34,6 +36,7 @@ KINDS = ("explain", "write")
 SPLITS = ("train", "val")
 MIN_ANSWER, MAX_ANSWER = 20, 600  # characters of an explain answer
 MAX_LINES, MAX_CHARS = 40, 1500  # of a write answer, so that examples fit a short context
+LENGTH_RATIO = 1.2  # an explain pair's rejected answer is at most this much longer or shorter than the chosen
 CORRUPTIONS = ("compare", "boolop", "return", "constant", "drop-line")
 # first words of docstrings that are not verbs, so "Write `f(x)` that ..." cannot take them
 NOT_VERBS = {
@@ -178,22 +181,24 @@ def preference_pairs(split: str = "train", max_pairs: int | None = None, seed: i
     """Preference pairs in TRL's conversational format, plus ``id``, ``module``, ``kind`` and ``negative``.
 
     The chosen answer is the sft example's; the rejected one is, for explain, the first paragraph of
-    another function of the split with a different text (``negative`` = ``"other:<its id>"``), and for
+    another function of the split with a different text and about the same length (within LENGTH_RATIO,
+    so that length alone tells neither a reward model nor a log-probability which is right;
+    ``negative`` = ``"other:<its id>"``), and for
     write, the source with one corruption (``negative`` = ``"corrupt:<kind>"``) that still parses and
     differs from the original's syntax tree; a write example that admits none gives no pair. Each
     pair's draw is seeded by ``seed`` and its id, so ``max_pairs`` (the first N) does not change it.
     """
     _check(split)
-    pool = [(f"stdlib:explain:{f.module}.{f.qualname}", f.paragraph) for f in _functions(split)]
+    pool = sorted(((f"stdlib:explain:{f.module}.{f.qualname}", f.paragraph) for f in _functions(split)),
+                  key=lambda o: (len(o[1]), o[0]))
+    lengths = [len(o[1]) for o in pool]
     out = []
     for id, module, kind, prompt, chosen in _examples(split, KINDS):
         if max_pairs is not None and len(out) >= max_pairs:
             break
         rng = random.Random(f"{seed}:{id}")
         if kind == "explain":
-            start = rng.randrange(len(pool))  # then the first after it with a different text
-            others = (pool[(start + i) % len(pool)] for i in range(len(pool)))
-            other = next((o for o in others if o[1] != chosen), None)
+            other = _similar_length(pool, lengths, chosen, rng)
             rejected, negative = (other[1], f"other:{other[0]}") if other else (None, None)
         else:
             rejected, negative = corrupt(chosen, rng)
@@ -207,6 +212,18 @@ def preference_pairs(split: str = "train", max_pairs: int | None = None, seed: i
             "id": id, "module": module, "kind": kind, "negative": negative,
         })  # fmt: skip
     return out
+
+
+def _similar_length(pool: list[tuple[str, str]], lengths: list[int], chosen: str, rng: random.Random):
+    """An (id, paragraph) of ``pool`` (sorted by length) with a text other than ``chosen`` and a length within
+    LENGTH_RATIO of it, drawn with ``rng``; the nearest in length when none is that close; None if none."""
+    n = len(chosen)
+    lo, hi = bisect.bisect_left(lengths, n / LENGTH_RATIO), bisect.bisect_right(lengths, n * LENGTH_RATIO)
+    near = [o for o in pool[lo:hi] if o[1] != chosen]
+    if near:
+        return rng.choice(near)
+    others = [o for o in pool if o[1] != chosen]
+    return min(others, key=lambda o: abs(len(o[1]) - n), default=None)
 
 
 # ---- corrupted sources: one small, plausible bug, edited into the text so that the rest stays as written ----

@@ -188,10 +188,15 @@ def ppo(policy_path: str | Path, rm_path: str | Path, cfg: RunConfig, out_dir: s
     result = trainer.fit()
     steps = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if "reward" in r]
-    epochs = max(pcfg.ppo_epochs, 1)
-    first, last = steps[:epochs], steps[-epochs:]
-    numbers = {"reward": sum(r["reward"] for r in last) / len(last), "kl": sum(r["kl"] for r in last) / len(last),
-               "initial_reward": sum(r["reward"] for r in first) / len(first), "kl_target": pcfg.kl_target}
+    # a rollout's 16 or so replies give a noisy mean: the first and the last fifth of the rollouts, averaged
+    window = max(pcfg.ppo_epochs, 1) * max(1, len(steps) // max(pcfg.ppo_epochs, 1) // 5)
+    first, last = steps[:window], steps[-window:]
+
+    def mean(rs, k):
+        return sum(r[k] for r in rs) / len(rs)
+
+    numbers = {"reward": mean(last, "reward"), "kl": mean(last, "kl"), "initial_reward": mean(first, "reward"),
+               "max_kl": max(r["kl"] for r in steps), "kl_target": pcfg.kl_target}
     (out_dir / "ppo_result.json").write_text(json.dumps({**numbers, "checkpoint": str(result.checkpoint),
                                                          "steps": result.steps}, indent=2) + "\n")
     return result, numbers

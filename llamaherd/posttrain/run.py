@@ -10,7 +10,8 @@ The stages, each on its built-in recipe (``sft``, ``rm``, ``sample``, ``dpo``, `
     sft                 the pretrained model        -> heldout_token_f1, base_heldout_token_f1
     reward_model        the SFT model               -> heldout_pair_accuracy
     rejection_sampling  the SFT model + the RM      -> its own fine-tuned checkpoint, the score distribution
-    dpo                 the newest policy so far    -> heldout_pair_accuracy, sft_heldout_pair_accuracy
+    dpo                 the newest policy so far    -> heldout_pair_accuracy, sft_heldout_pair_accuracy,
+                                                       heldout_implicit_reward_accuracy
     ppo                 the newest policy + the RM  -> reward, kl
 
 A stage that has written its result is not run again; one killed half-way resumes from its checkpoint.
@@ -92,12 +93,13 @@ def _stage(stage: str, scfg: RunConfig, out: Path, policy: Path, sft_model: Path
 
         r, numbers = dpo(policy, scfg, out, **kw)
         return {"checkpoint": r.checkpoint, "metrics": {
-            k: numbers[k] for k in ("heldout_pair_accuracy", "sft_heldout_pair_accuracy", "pairs")}}
+            k: numbers[k] for k in ("heldout_pair_accuracy", "sft_heldout_pair_accuracy",
+                                    "heldout_implicit_reward_accuracy", "pairs")}}
     from llamaherd.posttrain.ppo import ppo
 
     r, numbers = ppo(policy, rm, scfg, out, **kw)
     return {"checkpoint": r.checkpoint, "metrics": {k: numbers[k] for k in ("reward", "kl", "initial_reward",
-                                                                            "kl_target")}}
+                                                                            "max_kl", "kl_target")}}
 
 
 def run_stages(cfg: RunConfig, run_dir: Path, pretrain_checkpoint: Path, pretrain_metrics: dict, *,
