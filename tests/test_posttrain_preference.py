@@ -50,6 +50,7 @@ def test_the_reward_model_learns_the_preference_and_loads_with_its_head(setup, t
     assert accuracy >= 0.75, accuracy  # chance: 0.5 (64 held-out pairs: 0.75 is 4 standard deviations above)
     written = json.loads((tmp_path / "rm" / "rm_result.json").read_text())
     assert written["heldout_pair_accuracy"] == accuracy and written["pairs"] == 256
+    assert written["heldout_pair_loss"] < 0.5  # Bradley-Terry loss on the held-out pairs; chance: ln 2 = 0.693
     rm = load_reward_model(result.checkpoint)  # backbone + head, from the checkpoint alone
     assert rm.head.weight.abs().sum() > 0
     backbone, _ = load(result.checkpoint)  # the backbone is an ordinary checkpoint

@@ -41,9 +41,10 @@ def test_herd_run_goes_on_to_post_training_and_ends_with_a_chat_model(tmp_path, 
     metrics = {r["stage"]: r["metrics"] for r in results}
     assert {"val_bpb"} <= set(metrics["pretrain"])
     assert {"heldout_token_f1", "base_heldout_token_f1"} <= set(metrics["sft"])
-    assert {"heldout_pair_accuracy"} <= set(metrics["reward_model"])
-    assert {"heldout_pair_accuracy", "sft_heldout_pair_accuracy"} <= set(metrics["dpo"])
-    assert {"reward", "kl"} <= set(metrics["ppo"])
+    assert {"heldout_pair_accuracy", "heldout_pair_loss"} <= set(metrics["reward_model"])
+    assert {"heldout_pair_accuracy", "sft_heldout_pair_accuracy", "heldout_implicit_reward_accuracy"} <= set(
+        metrics["dpo"])
+    assert {"reward", "kl", "initial_reward", "max_kl", "kl_target"} <= set(metrics["ppo"])
     for r in results:  # every stage's checkpoint loads as a model
         model, tok = llamaherd.load(r["checkpoint"])
         assert model.args.dim == 64 and tok is not None

@@ -124,15 +124,21 @@ def pair_data(chat, pcfg, *, eot_loss: bool = True, console=None) -> tuple[list,
 
 
 @torch.no_grad()
+def pair_margins(score_fn, batches) -> torch.Tensor:
+    """[N]: each pair's chosen score minus its rejected one, ``score_fn(batch)`` [2B] giving the scores, in the
+    pairs' order."""
+    out = {}
+    for batch in batches:
+        s = score_fn(batch).double().cpu()
+        b = len(batch.index)
+        out.update(zip(batch.index.tolist(), s[:b] - s[b:], strict=True))
+    return torch.stack([out[i] for i in sorted(out)]) if out else torch.zeros(0, dtype=torch.float64)
+
+
 def pair_accuracy(score_fn, batches) -> float:
     """Share of pairs whose chosen row ``score_fn(batch)`` [2B] rates above the rejected one."""
-    right = total = 0
-    for batch in batches:
-        s = score_fn(batch)
-        b = len(batch.index)
-        right += int((s[:b] > s[b:]).sum())
-        total += b
-    return right / max(total, 1)
+    margins = pair_margins(score_fn, batches)
+    return int((margins > 0).sum()) / max(len(margins), 1)
 
 
 def train_reward_model(base: str | Path, cfg: RunConfig, out_dir: str | Path, *, progress: bool = True,
@@ -160,9 +166,12 @@ def train_reward_model(base: str | Path, cfg: RunConfig, out_dir: str | Path, *,
     trainer.resume()
     result = trainer.fit()
     model.eval()
-    accuracy = pair_accuracy(lambda b: model(b.tokens.to(device), b.last.to(device)), eval_batches)
-    record = {"heldout_pair_accuracy": accuracy, "pairs": len(pairs), "heldout_pairs": len(heldout),
-              "skipped": skipped, "checkpoint": str(result.checkpoint), "train_loss": result.train_loss,
-              "val_loss": result.val_loss, "steps": result.steps}
+    margins = pair_margins(lambda b: model(b.tokens.to(device), b.last.to(device)), eval_batches)
+    accuracy = int((margins > 0).sum()) / max(len(margins), 1)
+    # the Bradley-Terry loss on the held-out pairs: ln 2 = 0.693 for a model that prefers neither
+    loss = float(torch.nn.functional.softplus(-margins).mean()) if len(margins) else None
+    record = {"heldout_pair_accuracy": accuracy, "heldout_pair_loss": loss, "pairs": len(pairs),
+              "heldout_pairs": len(heldout), "skipped": skipped, "checkpoint": str(result.checkpoint),
+              "train_loss": result.train_loss, "val_loss": result.val_loss, "steps": result.steps}
     (out_dir / "rm_result.json").write_text(json.dumps(record, indent=2) + "\n")
     return result, accuracy

@@ -8,7 +8,7 @@ The stages, each on its built-in recipe (``sft``, ``rm``, ``sample``, ``dpo``, `
 ``posttraining.overrides``, and what each starts from:
 
     sft                 the pretrained model        -> heldout_token_f1, base_heldout_token_f1
-    reward_model        the SFT model               -> heldout_pair_accuracy
+    reward_model        the SFT model               -> heldout_pair_accuracy, heldout_pair_loss
     rejection_sampling  the SFT model + the RM      -> its own fine-tuned checkpoint, the score distribution
     dpo                 the newest policy so far    -> heldout_pair_accuracy, sft_heldout_pair_accuracy,
                                                        heldout_implicit_reward_accuracy
@@ -80,7 +80,9 @@ def _stage(stage: str, scfg: RunConfig, out: Path, policy: Path, sft_model: Path
         from llamaherd.posttrain.reward import train_reward_model
 
         r, accuracy = train_reward_model(sft_model, scfg, out, **kw)
-        return {"checkpoint": r.checkpoint, "metrics": {"heldout_pair_accuracy": accuracy, "train_loss": r.train_loss}}
+        loss = json.loads((out / "rm_result.json").read_text())["heldout_pair_loss"]
+        return {"checkpoint": r.checkpoint, "metrics": {"heldout_pair_accuracy": accuracy, "heldout_pair_loss": loss,
+                                                        "train_loss": r.train_loss}}
     if stage == "rejection_sampling":
         from llamaherd.posttrain.rejection import rejection_sampling
 
