@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "llamaherd.data.cli",  # data clean/pack/inspect
     "llamaherd.posttrain.cli",  # sft, rm, sample, dpo, ppo
     "llamaherd.serve.cli",  # serve
+    "llamaherd.eval.cli",  # eval
 ]
 
 
