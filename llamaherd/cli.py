@@ -24,6 +24,9 @@ COMMAND_MODULES = [
     "llamaherd.eval.cli",  # eval
 ]
 
+# commands whose second word names one of their own: `herd eval code ...` runs the `eval-code` parser
+SUBCOMMANDS = {("eval", "code"): "eval-code"}
+
 
 def build_parser() -> argparse.ArgumentParser:
     from llamaherd import __version__
@@ -42,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if tuple(argv[:2]) in SUBCOMMANDS:
+        argv = [SUBCOMMANDS[tuple(argv[:2])], *argv[2:]]
     args, extra = parser.parse_known_args(argv)
     if extra:  # `key=value` overrides may also come after options: herd pretrain R --out D train.steps=3
         if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):

