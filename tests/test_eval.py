@@ -2,6 +2,7 @@
 through a checkpoint and through `herd serve`; task files in published layouts and their errors."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -205,3 +206,36 @@ def test_task_specs_and_csv_layouts(tmp_path, capsys):
         load_task(f"{tmp_path / 'bad_test.csv'}:mmlu")
     assert main(["eval", str(tmp_path), "--tasks", f"{tmp_path}:nope"]) == 2
     assert "unknown layout 'nope'" in capsys.readouterr().err
+
+
+def test_perplexity_is_bits_per_byte_over_disjoint_windows(files, tmp_path, small_tokenizer, make_tiny_model):
+    """A text longer than the model's context is scored in windows, each token predicted from its window's
+    earlier tokens (the first from the previous window's last one): bits per byte by hand, through a
+    checkpoint and through `herd serve`, and as `PATH:perplexity` from the command line."""
+    from llamaherd.serve.app import running_server
+
+    model = make_tiny_model(seed=1, max_seq_len=32)
+    text = "the theory of the thing, then another thing; " * 3  # 135 bytes: more than four windows of 32
+    ids = small_tokenizer.encode(text, bos=True)
+    assert len(ids) > 2 * 32 + 1
+    want = 0.0
+    for s in range(0, len(ids) - 1, 32):
+        window = ids[s : s + 33]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([window[:-1]]))[0].float(), -1)
+        want -= sum(float(logp[i, t]) for i, t in enumerate(window[1:]))
+    scorer = ModelScorer(model, small_tokenizer)
+    assert scorer.rolling_nll(ids) == pytest.approx(want, rel=1e-5)
+    (tmp_path / "corpus.txt").write_text(text)
+    task = load_task(f"{tmp_path / 'corpus.txt'}:perplexity")
+    got = evaluate_task(scorer, task)
+    assert got["n"] == 1 and got["bytes"] == len(text.encode())
+    assert got["bits_per_byte"] == pytest.approx(want / math.log(2) / len(text.encode()), rel=1e-5)
+    with running_server(model, small_tokenizer, "tiny", kv_blocks=64, block_size=8) as (url, _, _):
+        served = evaluate_task(EndpointScorer(url + "/v1"), task)  # windows of the server's context less one
+    assert served["bits_per_byte"] == pytest.approx(got["bits_per_byte"], rel=0.05)
+    out = tmp_path / "ppl.json"
+    assert main(["eval", str(files / "herd"), "--tasks", f"{tmp_path / 'corpus.txt'}:perplexity", "--json", str(out),
+                 "--no-progress"]) == 0
+    metrics = json.loads(out.read_text())["tasks"][f"{tmp_path / 'corpus.txt'}:perplexity"]
+    assert metrics["n"] == 1 and metrics["bits_per_byte"] > 0

@@ -96,17 +96,21 @@ def cmd_eval(args) -> int:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, disable=args.no_progress or not err.is_terminal) as bar:
         for task in tasks:
-            n = min(len(task.items), args.limit or len(task.items))
+            total = len(task.texts) if task.kind == "perplexity" else len(task.items)
+            n = min(total, args.limit or total)
             tid = bar.add_task(task.name, total=n)
             result["tasks"][task.name] = evaluate_task(
                 scorer, task, num_fewshot=args.num_fewshot, limit=args.limit, log_samples=args.log_samples,
                 progress=lambda done, total, tid=tid: bar.update(tid, completed=done))
     table = Table(title=f"herd eval {args.model}")
-    for col in ("task", "n", "shots", "acc", "acc_norm"):
+    for col in ("task", "n", "shots", "acc", "acc_norm", "bits/byte"):
         table.add_column(col, justify="left" if col == "task" else "right")
     for name, m in result["tasks"].items():
-        table.add_row(name, str(m["n"]), str(m["num_fewshot"]), f"{m['acc']:.4f} ± {m['acc_stderr']:.4f}",
-                      f"{m['acc_norm']:.4f} ± {m['acc_norm_stderr']:.4f}")
+        if "bits_per_byte" in m:
+            table.add_row(name, str(m["n"]), "-", "-", "-", f"{m['bits_per_byte']:.4f}")
+        else:
+            table.add_row(name, str(m["n"]), str(m["num_fewshot"]), f"{m['acc']:.4f} ± {m['acc_stderr']:.4f}",
+                          f"{m['acc_norm']:.4f} ± {m['acc_norm_stderr']:.4f}", "-")
     Console(file=sys.stdout).print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -30,7 +30,10 @@ def _argmax(xs: list[float]) -> int:
 def evaluate_task(scorer, task: Task, *, num_fewshot: int | None = None, limit: int | None = None,
                   log_samples: bool = False, progress=None) -> dict:
     """A multiple-choice task's metrics: {"n", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}, and with
-    ``log_samples`` the per-item records under "samples". ``progress(done, total)`` after each batch."""
+    ``log_samples`` the per-item records under "samples"; a perplexity task's {"n", "bits_per_byte",
+    "bytes", "tokens"}. ``progress(done, total)`` after each batch."""
+    if task.kind == "perplexity":
+        return _perplexity(scorer, task, limit=limit, log_samples=log_samples, progress=progress)
     items = task.items[:limit] if limit else task.items
     requests = [task.requests(item, num_fewshot) for item in items]
     results: list = []
@@ -54,6 +57,27 @@ def evaluate_task(scorer, task: Task, *, num_fewshot: int | None = None, limit: 
     for name, xs in (("acc", acc), ("acc_norm", acc_norm)):
         out[name], out[f"{name}_stderr"] = _mean_stderr(xs)
     out["num_fewshot"] = task.default_fewshot if num_fewshot is None else num_fewshot
+    if log_samples:
+        out["samples"] = samples
+    return out
+
+
+def _perplexity(scorer, task: Task, *, limit=None, log_samples=False, progress=None) -> dict:
+    """Bits per byte: the texts' negative log-likelihood in bits over their UTF-8 bytes (each text begins
+    with <|begin_of_text|>, which is not scored)."""
+    texts = task.texts[:limit] if limit else task.texts
+    nll = n_bytes = n_tokens = 0
+    samples = []
+    for i, text in enumerate(texts, 1):
+        ids = scorer.encode(text)
+        doc_nll, doc_bytes = scorer.rolling_nll(ids), len(text.encode("utf-8"))
+        nll, n_bytes, n_tokens = nll + doc_nll, n_bytes + doc_bytes, n_tokens + len(ids) - 1
+        if log_samples:
+            samples.append({"index": i - 1, "bytes": doc_bytes, "tokens": len(ids) - 1, "nll": doc_nll})
+        if progress:
+            progress(i, len(texts))
+    out = {"n": len(texts), "bits_per_byte": nll / math.log(2) / max(n_bytes, 1), "bytes": n_bytes,
+           "tokens": n_tokens, "num_fewshot": 0}
     if log_samples:
         out["samples"] = samples
     return out

@@ -47,6 +47,21 @@ class ModelScorer:
     def score(self, context: str, continuations: list[str]) -> list[tuple[float, bool]]:
         return self.score_many([(context, continuations)])[0]
 
+    @torch.no_grad()
+    def rolling_nll(self, ids: list[int]) -> float:
+        """The negative log-likelihood (nats) of ``ids[1:]``, each token after the first predicted from what
+        precedes it in its window: disjoint windows of the model's context, each starting from the previous
+        one's last token (the harness's rolling log-likelihood)."""
+        total, chunk = 0.0, 1024
+        for s in range(0, len(ids) - 1, self.max_len):
+            window = ids[s : s + self.max_len + 1]
+            h = self.model(torch.tensor([window[:-1]], device=self.device), head=False)[0]
+            target = torch.tensor(window[1:], device=self.device)
+            for c in range(0, len(target), chunk):  # the output layer a slice at a time: a 128K vocabulary
+                logits = self.model.output(h[c : c + chunk]).float()
+                total += float(torch.nn.functional.cross_entropy(logits, target[c : c + chunk], reduction="sum"))
+        return total
+
     def score_many(self, items: list[tuple[str, list[str]]]) -> list[list[tuple[float, bool]]]:
         """For each (context, continuations): one (log-probability, greedy?) per continuation."""
         rows = []
@@ -209,6 +224,19 @@ class EndpointScorer:
 
     def score(self, context: str, continuations: list[str]) -> list[tuple[float, bool]]:
         return self.score_many([(context, continuations)])[0]
+
+    def rolling_nll(self, ids: list[int]) -> float:
+        """As ``ModelScorer.rolling_nll``, in windows of the server's context less one (``/tokenizer_info``)."""
+        if not hasattr(self, "window"):
+            info = self._call("/tokenizer_info", None)
+            self.window = int(info.get("model_max_length") or 2048) - 1
+        total = 0.0
+        for s in range(0, len(ids) - 1, self.window):
+            body = {"model": self.model, "prompt": ids[s : s + self.window + 1], "max_tokens": 0, "echo": True,
+                    "logprobs": 0, "temperature": 0}
+            lps = self._call("/v1/completions", body)["choices"][0]["logprobs"]["token_logprobs"]
+            total -= sum(lps[1:])
+        return total
 
     def score_many(self, items: list[tuple[str, list[str]]]) -> list[list[tuple[float, bool]]]:
         out = []

@@ -12,6 +12,7 @@ Layouts (the fields of the datasets as they are published):
            JSONL or Parquet as on the Hugging Face Hub (cais/mmlu).
     arc    question; ``choices`` {"text": [...], "label": [...]}; ``answerKey`` one of the labels
            (allenai/ai2_arc: JSONL or Parquet).
+    perplexity  texts (.txt, .jsonl with "text", .parquet, or a directory of them), scored in bits per byte.
 
 PATH may be one file (the items; few-shot examples are the first others of the same file, or of the file
 named alike with "dev" / "train" for "test") or a directory: its files with "test" in the name are the items,
@@ -33,8 +34,8 @@ from pathlib import Path
 
 from llamaherd.errors import HerdError
 
-LAYOUTS = ("mmlu", "arc")
-BUILTIN = ("stdlib_docstring_mc",)
+LAYOUTS = ("mmlu", "arc", "perplexity")
+BUILTIN = ("stdlib_docstring_mc", "stdlib_perplexity")
 LETTERS = "ABCD"
 SUFFIXES = (".csv", ".jsonl", ".jsonl.gz", ".json", ".parquet")
 
@@ -61,6 +62,8 @@ class Task:
     fewshot: list[MCItem] = field(default_factory=list)
     description: str = ""
     default_fewshot: int = 0
+    kind: str = "multiple_choice"  # or "perplexity": ``texts`` scored as a whole, in bits per byte
+    texts: list[str] = field(default_factory=list)
 
     def shots(self, item: MCItem, k: int) -> list[MCItem]:
         """The first ``k`` examples of the pool with ``item``'s subject, ``item`` itself left out."""
@@ -82,8 +85,10 @@ class Task:
 
 def load_task(spec: str) -> Task:
     """A task from ``PATH:LAYOUT`` or a built-in name; a one-line error naming the file and line otherwise."""
-    if spec in BUILTIN:
+    if spec == "stdlib_docstring_mc":
         return stdlib_docstring_mc()
+    if spec == "stdlib_perplexity":
+        return perplexity_task(spec, "stdlib:val")
     path, sep, layout = spec.rpartition(":")
     if not sep or not path:
         known = ", ".join(BUILTIN)
@@ -94,6 +99,8 @@ def load_task(spec: str) -> Task:
     root = Path(path)
     if not root.exists():
         raise HerdError(f"{root}: file not found")
+    if layout == "perplexity":
+        return perplexity_task(spec, root)
     shots_word = "dev" if layout == "mmlu" else "train"
     if root.is_dir():
         files = sorted(p for p in root.rglob("*") if p.is_file() and p.name.lower().endswith(SUFFIXES))
@@ -204,6 +211,15 @@ def _arc_items(path: Path) -> list[MCItem]:
         texts = [str(t) for t in choices["text"]]
         out.append(MCItem(f"Question: {question}\nAnswer:", texts, labels.index(key), where))
     return out
+
+
+def perplexity_task(name: str, source) -> Task:
+    """Texts to score in bits per byte: .txt / .jsonl ("text") / .parquet files, a directory of them, or
+    "stdlib:val" (the held-out modules of the main job's corpus, the text its validation loss is taken on)."""
+    from llamaherd.data.sources import read_documents
+
+    texts = [d.text for d in read_documents([str(source)]) if d.text]
+    return Task(name, [], kind="perplexity", texts=texts)
 
 
 # ---- built in ----
