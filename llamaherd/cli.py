@@ -25,7 +25,7 @@ COMMAND_MODULES = [
 ]
 
 # commands whose second word names one of their own: `herd eval code ...` runs the `eval-code` parser
-SUBCOMMANDS = {("eval", "code"): "eval-code"}
+SUBCOMMANDS = {("eval", "code"): "eval-code", ("eval", "decontaminate"): "eval-decontaminate"}
 
 
 def build_parser() -> argparse.ArgumentParser:

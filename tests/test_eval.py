@@ -239,3 +239,40 @@ def test_perplexity_is_bits_per_byte_over_disjoint_windows(files, tmp_path, smal
                  "--no-progress"]) == 0
     metrics = json.loads(out.read_text())["tasks"][f"{tmp_path / 'corpus.txt'}:perplexity"]
     assert metrics["n"] == 1 and metrics["bits_per_byte"] > 0
+
+
+def test_decontamination_finds_items_that_share_a_13_gram_with_training_data(tmp_path, small_tokenizer, capsys):
+    """`herd eval decontaminate`: an item whose question (13 words or more, any case and punctuation) appears in
+    the training data is reported, one that does not is not; from JSONL and from packed shards decoded with
+    the tokenizer found beside them."""
+    from llamaherd.data.pack import pack_documents
+    from llamaherd.eval.decontaminate import decontaminate
+
+    leaked = "which of these animals lives in the sea and breathes air through a hole on its head"
+    items = [("Which of these animals LIVES in the sea, and breathes air through a hole on its head?",
+              ["whale", "shark"], ["A", "B"], "A"),
+             ("What do bees make from the nectar that they collect from many kinds of flowers?",
+              ["honey", "wax"], ["A", "B"], "A"),
+             ("Short one?", ["yes", "no"], ["A", "B"], "A")]
+    (tmp_path / "quiz_test.jsonl").write_text("".join(
+        json.dumps({"question": q, "choices": {"text": t, "label": lab}, "answerKey": k}) + "\n"
+        for q, t, lab, k in items))
+    docs = [f"Some text first. {leaked}. And more after it.", "Bees and flowers, but other words entirely."]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    task = load_task(f"{tmp_path / 'quiz_test.jsonl'}:arc")
+    report = decontaminate(task, tmp_path / "train.jsonl")
+    assert report["items"] == 3 and report["documents"] == 2
+    assert report["contaminated_items"] == [f"{tmp_path / 'quiz_test.jsonl'}:1"]
+    assert decontaminate(task, tmp_path / "train.jsonl", n=30)["contaminated"] == 0  # longer than any item
+    run = tmp_path / "run"
+    run.mkdir()
+    small_tokenizer.save(run / "tokenizer.model")
+    pack_documents(docs, small_tokenizer, run / "data" / "train", tokenizer_file=run / "tokenizer.model",
+                   progress=False)
+    out = tmp_path / "contam.json"
+    assert main(["eval", "decontaminate", f"{tmp_path / 'quiz_test.jsonl'}:arc", "--against",
+                 str(run / "data" / "train"), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["contaminated_items"] == report["contaminated_items"]
+    assert "1 of 3 items" in capsys.readouterr().out
+    assert main(["eval", "decontaminate", "stdlib_docstring_mc", "--against", str(tmp_path / "nothing")]) == 2
+    assert "nothing" in capsys.readouterr().err

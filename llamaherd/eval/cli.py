@@ -51,6 +51,19 @@ def register(sub) -> None:
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_eval_code)
 
+    d = sub.add_parser(
+        "eval-decontaminate", prog="herd eval decontaminate", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Which of a task's items share a word n-gram (13 by default, lowercased words) with the training\n"
+                    "data: a packed dataset directory (decoded with the tokenizer that packed it) or curated / raw\n"
+                    "JSONL, text or Parquet files.",
+        epilog="example: herd eval decontaminate data/mmlu:mmlu --against runs/tiny/data/train --json contam.json")
+    d.add_argument("task", help="a built-in task or PATH:LAYOUT, as for herd eval --tasks")
+    d.add_argument("--against", required=True, metavar="DATA", help="a packed dataset directory or text/JSONL files")
+    d.add_argument("--n", type=int, default=13, help="n-gram length in words (default 13)")
+    d.add_argument("--tokenizer", default=None, help="the packed data's tokenizer (default: found beside it)")
+    d.add_argument("--json", default=None, metavar="OUT", help="write the report as JSON here")
+    d.set_defaults(func=cmd_eval_decontaminate)
+
 
 def scorer_for(model: str, *, device=None, batch_tokens: int = 8192, api_key: str | None = None):
     """A ModelScorer for a checkpoint, an EndpointScorer for an http(s) URL."""
@@ -155,4 +168,23 @@ def cmd_eval_code(args) -> int:
     if args.json:
         body = {"model": None, "tasks": {"code": {**metrics, **({"samples": records} if args.log_samples else {})}}}
         Path(args.json).write_text(json.dumps(body, indent=2) + "\n")
+    return 0
+
+
+def cmd_eval_decontaminate(args) -> int:
+    import json
+    from pathlib import Path
+
+    from llamaherd.eval.decontaminate import decontaminate
+    from llamaherd.eval.tasks import load_task
+
+    report = decontaminate(load_task(args.task), args.against, n=args.n, tokenizer=args.tokenizer)
+    print(f"{report['task']}: {report['contaminated']} of {report['items']} items ({report['fraction']:.1%}) share "
+          f"a {report['n']}-gram with {report['documents']} training documents")
+    for where in report["contaminated_items"][:10]:
+        print(f"  {where}")
+    if len(report["contaminated_items"]) > 10:
+        print(f"  ... and {len(report['contaminated_items']) - 10} more (--json for all)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
