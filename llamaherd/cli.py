@@ -25,7 +25,8 @@ COMMAND_MODULES = [
 ]
 
 # commands whose second word names one of their own: `herd eval code ...` runs the `eval-code` parser
-SUBCOMMANDS = {("eval", "code"): "eval-code", ("eval", "decontaminate"): "eval-decontaminate"}
+SUBCOMMANDS = {("eval", "code"): "eval-code", ("eval", "decontaminate"): "eval-decontaminate",
+               ("eval", "pairwise"): "eval-pairwise"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from llamaherd.checkpoint import save
-from llamaherd.cli import build_parser, main
+from llamaherd.cli import SUBCOMMANDS, build_parser, main
 from llamaherd.generation import generate
 
 
@@ -15,14 +15,16 @@ def all_commands(parser: argparse.ArgumentParser, prefix=()):
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for name, sub in action.choices.items():
-                yield (*prefix, name)
-                yield from all_commands(sub, (*prefix, name))
+                words = {v: k for k, v in SUBCOMMANDS.items()}.get(name, (*prefix, name))  # `herd eval code`
+                yield words
+                yield from all_commands(sub, words)
 
 
 def test_every_command_has_help(capsys):
     commands = list(all_commands(build_parser()))
     assert {("run",), ("pretrain",), ("recipes",), ("generate",), ("chat",), ("convert",), ("info",),
-            ("tokenizer", "train"), ("data", "pack")} <= set(commands)
+            ("tokenizer", "train"), ("data", "pack"), ("eval",), ("eval", "code"),
+            ("eval", "pairwise")} <= set(commands)
     for cmd in commands:
         with pytest.raises(SystemExit) as e:
             main([*cmd, "--help"])

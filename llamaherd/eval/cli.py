@@ -64,6 +64,25 @@ def register(sub) -> None:
     d.add_argument("--json", default=None, metavar="OUT", help="write the report as JSON here")
     d.set_defaults(func=cmd_eval_decontaminate)
 
+    w = sub.add_parser(
+        "eval-pairwise", prog="herd eval pairwise", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Two models answer the same prompts and a judge model compares each pair of answers, in both\n"
+                    "orders (a disagreement between the orders is a tie): win / tie / loss per category and\n"
+                    "overall with 95% bootstrap intervals, a stacked bar chart, report.md and results.json in --out.\n"
+                    "Models and judge: checkpoints or OpenAI-compatible endpoints (http://...).",
+        epilog="example: herd eval pairwise --prompts builtin --a runs/tiny --b runs/tiny/sft --judge "
+               "http://127.0.0.1:8000/v1 --out pairwise/")
+    w.add_argument("--prompts", default="builtin",
+                   help='JSONL of {"category", "prompt"}, or builtin: 120 prompts in 12 categories (default)')
+    w.add_argument("--a", required=True, help="model A: a checkpoint or an endpoint URL")
+    w.add_argument("--b", required=True, help="model B: a checkpoint or an endpoint URL")
+    w.add_argument("--judge", required=True, help="the judge: a checkpoint or an endpoint URL")
+    w.add_argument("--out", required=True, help="output directory")
+    w.add_argument("--max-tokens", type=int, default=256, help="tokens of each answer (default 256)")
+    w.add_argument("--limit", type=int, default=None, help="the first N prompts")
+    w.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
+    w.set_defaults(func=cmd_eval_pairwise)
+
 
 def scorer_for(model: str, *, device=None, batch_tokens: int = 8192, api_key: str | None = None):
     """A ModelScorer for a checkpoint, an EndpointScorer for an http(s) URL."""
@@ -117,14 +136,17 @@ def cmd_eval(args) -> int:
                 progress=lambda done, total, tid=tid: bar.update(tid, completed=done))
     table = Table(title=f"herd eval {args.model}")
     for col in ("task", "n", "shots", "acc", "acc_norm", "bits/byte"):
-        table.add_column(col, justify="left" if col == "task" else "right")
+        table.add_column(col, justify="left" if col == "task" else "right", no_wrap=True)
     for name, m in result["tasks"].items():
         if "bits_per_byte" in m:
             table.add_row(name, str(m["n"]), "-", "-", "-", f"{m['bits_per_byte']:.4f}")
         else:
             table.add_row(name, str(m["n"]), str(m["num_fewshot"]), f"{m['acc']:.4f} ± {m['acc_stderr']:.4f}",
                           f"{m['acc_norm']:.4f} ± {m['acc_norm_stderr']:.4f}", "-")
-    Console(file=sys.stdout).print(table)
+    out = Console(file=sys.stdout)
+    if not out.is_terminal:  # a pipe or a file: wide enough for the task names
+        out = Console(file=sys.stdout, width=max(100, max(len(n) for n in result["tasks"]) + 70))
+    out.print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
@@ -187,4 +209,19 @@ def cmd_eval_decontaminate(args) -> int:
         print(f"  ... and {len(report['contaminated_items']) - 10} more (--json for all)")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def cmd_eval_pairwise(args) -> int:
+    from llamaherd.errors import HerdError
+    from llamaherd.eval.pairwise import pairwise
+
+    if args.max_tokens < 1 or (args.limit is not None and args.limit < 1):
+        raise HerdError("--max-tokens and --limit: expected 1 or more")
+    summary = pairwise(args.prompts, args.a, args.b, args.judge, args.out, max_tokens=args.max_tokens,
+                       limit=args.limit, device=args.device)
+    o = summary["overall"]
+    print(f"A wins {o['win']:.1%}, ties {o['tie']:.1%}, loses {o['loss']:.1%} of {o['n']} prompts "
+          f"(net {o['net']:+.1%}, 95% interval {o['net_ci'][0]:+.1%} to {o['net_ci'][1]:+.1%}); "
+          f"report: {args.out}/report.md")
     return 0
