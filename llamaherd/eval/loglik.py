@@ -23,14 +23,28 @@ import torch
 
 from llamaherd.errors import HerdError
 
+BOT = "<|begin_of_text|>"
 
-def split_pair(encode, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) as the harness splits them; ``encode(text)`` adds what it adds (BOS)."""
+
+def split_pairs(encode, context: str, continuations: list[str]) -> tuple[list[int], list[list[int]]]:
+    """(context ids, each continuation's ids) as the harness splits them; ``encode(text)`` adds what it adds
+    (BOS). The context is encoded once; each continuation is what encoding context + continuation whole
+    adds after it."""
     n = len(context) - len(context.rstrip())
-    if n:
-        context, continuation = context[:-n], context[-n:] + continuation
-    ctx = encode(context)
-    return ctx, encode(context + continuation)[len(ctx) :]
+    head, tail = (context[:-n], context[-n:]) if n else (context, "")
+    ctx = encode(head)
+    return ctx, [encode(head + tail + c)[len(ctx) :] for c in continuations]
+
+
+def _bos(text: str) -> bool:
+    """Whether encoding ``text`` adds <|begin_of_text|>: not when the text (a chat prompt) starts with it."""
+    return not text.startswith(BOT)
+
+
+def _cut(text: str, until: list[str]) -> str:
+    """``text`` up to the first of the ``until`` strings."""
+    ends = [i for i in (text.find(u) for u in until) if i >= 0]
+    return text[: min(ends)] if ends else text
 
 
 class ModelScorer:
@@ -42,7 +56,7 @@ class ModelScorer:
         self.max_len = model.args.max_seq_len
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, bos=self.bos, allowed_special="all")
+        return self.tokenizer.encode(text, bos=self.bos and _bos(text), allowed_special="all")
 
     def score(self, context: str, continuations: list[str]) -> list[tuple[float, bool]]:
         return self.score_many([(context, continuations)])[0]
@@ -62,15 +76,50 @@ class ModelScorer:
                 total += float(torch.nn.functional.cross_entropy(logits, target[c : c + chunk], reduction="sum"))
         return total
 
+    @torch.no_grad()
+    def generate_until(self, contexts: list[str], until: list[str], max_tokens: int, *, samples: int = 1,
+                       temperature: float = 0.0, seed: int = 0, progress=None) -> list[list[str]]:
+        """``samples`` continuations of each context (greedy when ``temperature`` is 0), each ending before the
+        first of the ``until`` strings or at a stop token, after at most ``max_tokens`` tokens. A context
+        longer than the model's window less ``max_tokens`` is cut from the left, as the harness cuts it.
+        Rows of similar length are decoded together; ``progress(done, total)`` after each batch."""
+        from llamaherd.generation import generate
+
+        room = self.max_len - max_tokens
+        if room < 1:
+            raise HerdError(f"max_tokens {max_tokens}: leaves no room for a prompt in the model's {self.max_len}")
+        prompts = [self.encode(c)[-room:] for c in contexts]
+        rows = [(i, s) for i in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])) for s in range(samples)]
+        marks = [u.encode() for u in until if u]
+        out: list[list[str]] = [[""] * samples for _ in contexts]
+        start = 0
+        while start < len(rows):
+            n = max(1, min(64, self.batch_tokens // (len(prompts[rows[start][0]]) + max_tokens)))
+            batch = rows[start : start + n]
+            said = [b"" for _ in batch]
+
+            def seen(row: int, token: int, said=said) -> bool:  # ends a row once it has written an until string
+                piece = self.tokenizer.decode_bytes([token])
+                said[row] += piece
+                tail = said[row][-(max((len(m) for m in marks), default=0) + len(piece)) :]
+                return any(m in tail for m in marks)
+
+            new = generate(self.model, [prompts[i] for i, _ in batch], max_new_tokens=max_tokens,
+                           temperature=temperature, seed=seed + start if temperature > 0 else None,
+                           stop_tokens=self.tokenizer.stop_tokens, on_token=seen if marks else None)
+            stops = set(self.tokenizer.stop_tokens)
+            for (i, s), ids in zip(batch, new, strict=True):
+                out[i][s] = _cut(self.tokenizer.decode([t for t in ids if t not in stops]), until)
+            start += n
+            if progress:
+                progress(len({i for i, _ in rows[:start]}), len(contexts))
+        return out
+
     def score_many(self, items: list[tuple[str, list[str]]]) -> list[list[tuple[float, bool]]]:
         """For each (context, continuations): one (log-probability, greedy?) per continuation."""
         rows = []
         for context, conts in items:
-            pairs = [split_pair(self.encode, context, c) for c in conts]
-            ctx = pairs[0][0]
-            if any(p[0] != ctx for p in pairs):  # cannot happen: the context is encoded alone each time
-                raise HerdError("the continuations' contexts tokenise differently")
-            conts_ids = [p[1] for p in pairs]
+            ctx, conts_ids = split_pairs(self.encode, context, conts)
             if any(not c for c in conts_ids):
                 raise HerdError(f"an empty continuation after context {context[-40:]!r}")
             room = self.max_len - sum(len(c) for c in conts_ids)
@@ -202,6 +251,7 @@ class EndpointScorer:
     def __init__(self, url: str, *, model: str | None = None, api_key: str | None = None, timeout: float = 600):
         self.base = url.rstrip("/").removesuffix("/completions").removesuffix("/v1")
         self.model, self.api_key, self.timeout = model, api_key, timeout
+        self.max_len = None  # the endpoint's context, once /tokenize has said it
         if self.model is None:
             models = self._call("/v1/models", None).get("data") or [{}]
             self.model = models[0].get("id", "default")
@@ -220,7 +270,9 @@ class EndpointScorer:
             raise HerdError(f"{self.base}{path}: cannot connect ({getattr(e, 'reason', e)})") from None
 
     def encode(self, text: str) -> list[int]:
-        return self._call("/tokenize", {"model": self.model, "prompt": text, "add_special_tokens": True})["tokens"]
+        said = self._call("/tokenize", {"model": self.model, "prompt": text, "add_special_tokens": _bos(text)})
+        self.max_len = said.get("max_model_len") or getattr(self, "max_len", None)
+        return said["tokens"]
 
     def score(self, context: str, continuations: list[str]) -> list[tuple[float, bool]]:
         return self.score_many([(context, continuations)])[0]
@@ -238,10 +290,31 @@ class EndpointScorer:
             total -= sum(lps[1:])
         return total
 
+    def generate_until(self, contexts: list[str], until: list[str], max_tokens: int, *, samples: int = 1,
+                       temperature: float = 0.0, seed: int = 0, progress=None) -> list[list[str]]:
+        """As ``ModelScorer.generate_until``, through /v1/completions: the prompt as token ids (tokenised by
+        the endpoint, so special tokens read the same), ``stop`` the first four ``until`` strings (OpenAI's
+        limit), each reply cut at the first of them all."""
+        out = []
+        for done, context in enumerate(contexts, 1):
+            ids = self.encode(context)
+            if self.max_len:
+                ids = ids[-max(1, self.max_len - max_tokens) :]
+            body = {"model": self.model, "prompt": ids, "max_tokens": max_tokens, "temperature": temperature,
+                    "n": samples, "seed": seed}
+            if until:
+                body["stop"] = until[:4]
+            choices = sorted(self._call("/v1/completions", body)["choices"], key=lambda c: c["index"])
+            out.append([_cut(c["text"], until) for c in choices])
+            if progress:
+                progress(done, len(contexts))
+        return out
+
     def score_many(self, items: list[tuple[str, list[str]]]) -> list[list[tuple[float, bool]]]:
         out = []
         for context, conts in items:
-            pairs = [split_pair(self.encode, context, c) for c in conts]
+            ctx, conts_ids = split_pairs(self.encode, context, conts)
+            pairs = [(ctx, c) for c in conts_ids]
             body = {"model": self.model, "prompt": [ctx + cont for ctx, cont in pairs], "max_tokens": 0,
                     "echo": True, "logprobs": 1, "temperature": 0}
             choices = sorted(self._call("/v1/completions", body)["choices"], key=lambda c: c["index"])

@@ -81,13 +81,14 @@ def generate(
     top_k: int | None = None,
     seed: int | None = None,
     stop_tokens: Sequence[int] | None = None,
-    on_token: Callable[[int, int], None] | None = None,
+    on_token: Callable[[int, int], bool | None] | None = None,
     compile: bool = False,
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids); return the new token ids per prompt.
 
     A row stops after ``max_new_tokens`` new tokens or at its first stop token (included in its
-    output). ``on_token(row, token_id)`` is called for every new token as it is produced.
+    output). ``on_token(row, token_id)`` is called for every new token as it is produced; when it returns
+    a true value, that row ends there (that token is its last).
     ``compile`` decodes through a compiled step, CUDA graphs on a GPU and an AOTInductor library on a
     CPU (the first call compiles; see ``llamaherd.generation.compiled``); the KV cache then stays
     allocated between calls (``clear_cache(model)`` frees it). The model is not changed; on a CPU,
@@ -128,6 +129,7 @@ def generate(
     window = (positions >= prompt_len[:, None]) & (positions < (prompt_len + max_new_tokens)[:, None])
     at_limit = positions == (prompt_len + max_new_tokens - 1)[:, None]
     done = torch.zeros(batch, dtype=torch.bool, device=device)  # rows that stopped or reached their limit
+    cut: list[int | None] = [None] * batch  # rows that on_token ended: how many new tokens they keep
     prefill = positions[:shortest]
     logits = model(tokens[:, :shortest], prefill, mask=causal_mask(prefill, shortest), cache=cache, last_only=True)
     for cur in range(shortest, total_len):
@@ -140,12 +142,13 @@ def generate(
             done |= new & (at_limit[:, cur] | torch.isin(nxt, stops))
             if on_token is not None:
                 for i in new.nonzero().flatten().tolist():
-                    on_token(i, int(nxt[i]))
+                    if on_token(i, int(nxt[i])):
+                        done[i], cut[i] = True, cur + 1 - int(prompt_len[i])
         # Reading `done` makes the host wait for the device, which then idles while the host
         # prepares the next step: without streaming, look only every few steps (tokens after
         # a row's stop are dropped below).
         check = on_token is not None or (cur - shortest) % _CHECK_EVERY == _CHECK_EVERY - 1
-        if cur + 1 == total_len or (stop_set and check and bool(done.all())):
+        if cur + 1 == total_len or ((stop_set or on_token is not None) and check and bool(done.all())):
             break
         logits = decode(nxt[:, None].clone(), positions[cur : cur + 1], cur + 1)
-    return [_until_stop(tokens[i, window[i]].tolist(), stop_set) for i in range(batch)]
+    return [_until_stop(tokens[i, window[i]].tolist()[: cut[i]], stop_set) for i in range(batch)]

@@ -73,3 +73,20 @@ class ChatFormat:
         stops = set(self.tokenizer.stop_tokens)
         end = next((i for i, t in enumerate(ids) if t in stops), len(ids))
         return self.tokenizer.decode(ids[:end])
+
+
+def render_dialog_prompt(messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    """The text ``ChatFormat.encode_dialog_prompt`` encodes, special tokens written out: what a Hugging Face
+    chat template renders for Llama 3 Instruct (lm-evaluation-harness scores and prompts with this text)."""
+    if isinstance(messages, (str, Mapping)) or not isinstance(messages, Sequence):
+        raise HerdError(f"dialog: expected a list of messages, got {type(messages).__name__}")
+    out = "<|begin_of_text|>"
+    for i, message in enumerate(messages):
+        role, content = check_message(message, f"message {i}")
+        if role not in ROLES:
+            raise HerdError(f"message {i}: role {role!r} is not one of {', '.join(ROLES)}")
+        role = "ipython" if role == "tool" else role
+        out += f"<|start_header_id|>{role}<|end_header_id|>\n\n{content.strip()}<|eot_id|>"
+    if add_generation_prompt:
+        out += "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    return out

@@ -86,6 +86,9 @@ def _split_overrides(args) -> list[str]:
 
 
 def cmd_run(args) -> int:
+    import json
+    from pathlib import Path
+
     from rich.console import Console
 
     from llamaherd.config import load_config
@@ -95,30 +98,51 @@ def cmd_run(args) -> int:
     console = Console(stderr=True)
     overrides = _split_overrides(args)
     cfg = load_config(args.recipe or "tiny", overrides)
-    check_stages(cfg)  # post-training's settings are checked before any work too
+    check_stages(cfg)  # post-training's and evaluation's settings are checked before any work too
+    from llamaherd.eval.run import check_eval
+
+    check_eval(cfg)
     summary = run(args.recipe, overrides, args.out, progress=not args.no_progress, console=console, nproc=args.nproc)
     if summary.train.stopped_by:
         return _SIGNAL_EXIT.get(summary.train.stopped_by, 1)
-    if cfg.posttraining.stages:
-        def announce(name, fn, *a):
-            console.print(f"[bold cyan]▶ {name.replace('_', ' ')}[/]")
-            t0 = time.perf_counter()
-            out = fn(*a)
-            summary.stages.append((name.replace("_", " "), time.perf_counter() - t0, ""))
-            return out
+    def announce(name, fn, *a):
+        console.print(f"[bold cyan]▶ {name.replace('_', ' ')}[/]")
+        t0 = time.perf_counter()
+        out = fn(*a)
+        summary.stages.append((name.replace("_", " "), time.perf_counter() - t0, ""))
+        return out
 
-        results = run_stages(cfg, summary.run_dir, summary.train.checkpoint,
-                             {"val_bpb": summary.train.val_bpb, "val_loss": summary.train.val_loss},
-                             progress=not args.no_progress, console=console, announce=announce)
-        report = summary.run_dir / "report.md"
+    pretrained = {"val_bpb": summary.train.val_bpb, "val_loss": summary.train.val_loss}
+    results = run_stages(cfg, summary.run_dir, summary.train.checkpoint, pretrained, progress=not args.no_progress,
+                         console=console, announce=announce)
+    report = summary.run_dir / "report.md"
+    if cfg.posttraining.stages:
         report.write_text(report.read_text() + "\n".join(report_lines(results)) + "\n")
+    if cfg.eval.tasks:
+        from llamaherd.eval.run import finished_eval, stage_eval
+        from llamaherd.eval.run import report_lines as eval_lines
+
+        base, final = Path(summary.train.checkpoint), Path(results[-1]["checkpoint"])
+        metrics = finished_eval(cfg, summary.run_dir, base, final) or announce(
+            "eval", stage_eval, cfg, summary.run_dir, base, final, not args.no_progress, console)
+        results.append({"stage": "eval", "checkpoint": str(final), "metrics": metrics})
+        (summary.run_dir / "results.json").write_text(json.dumps({"stages": results}, indent=2) + "\n")
+        report.write_text(report.read_text() + "\n".join(eval_lines(metrics)) + "\n")
     out = Console()
     print_summary(summary, out)
+    for r in results[1:]:
+        if r["stage"] == "eval":
+            from llamaherd.eval.harness import headline
+
+            for who in ("base", "final"):
+                numbers = ", ".join(f"{task} {metric} {value:.3f}" for task, m in r["metrics"][who]["tasks"].items()
+                                    for metric, value, _ in headline(m)[:1])
+                out.print(f"[bold]eval {who}[/]: {numbers}")
+            continue
+        numbers = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in r["metrics"].items()
+                            if v is not None)
+        out.print(f"[bold]{r['stage']}[/]: {numbers}")
     if cfg.posttraining.stages:
-        for r in results:
-            numbers = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in r["metrics"].items()
-                                if v is not None)
-            out.print(f"[bold]{r['stage']}[/]: {numbers}")
         out.print("chat with the final model:")
         print(f"herd chat {summary.run_dir}", flush=True)  # the last line, whole (a script may run it)
     return 0
