@@ -108,6 +108,56 @@ def test_multiple_choice_equals_lm_evaluation_harness(files, layout):
         assert ours[metric] == pytest.approx(theirs["results"][name][f"{metric},none"], abs=1e-9)
 
 
+GSM8K = [(f"{who} has {a} pens and buys {b} more. How many pens now?", f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b}.\n"
+          f"#### {a + b:,}") for who, a, b in (("Ann", 3, 4), ("Bo", 1200, 7), ("Cy", 5, 9), ("Di", 8, 8),
+                                                ("Ed", 2, 40), ("Flo", 6, 1))]
+
+
+def test_gsm8k_generation_and_scoring_equal_lm_evaluation_harness(files):
+    """The same k-shot prompts, the same greedy generations cut at the same strings, the same extracted
+    answers (strict and flexible) and exact_match as the harness's gsm8k task (its yaml's prompts, filters
+    and metric) with its `hf` model on our exported checkpoint."""
+    root = files / "gsm8k"
+    root.mkdir(exist_ok=True)
+    for split, rows in (("train", GSM8K[:3]), ("test", GSM8K[3:])):
+        (root / f"gsm_{split}.jsonl").write_text("".join(json.dumps({"question": q, "answer": a}) + "\n"
+                                                          for q, a in rows))
+    yaml = (
+        "task: herd_gsm8k\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    train: {root / 'gsm_train.jsonl'}\n    test: {root / 'gsm_test.jsonl'}\n"
+        "output_type: generate_until\ntraining_split: train\nfewshot_split: train\ntest_split: test\n"
+        "fewshot_config:\n  sampler: first_n\n"
+        'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_target: "{{answer}}"\n'
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+        "    ignore_case: true\n    ignore_punctuation: false\n    regexes_to_ignore:\n"
+        '      - ","\n      - "\\\\$"\n      - "(?s).*#### "\n      - "\\\\.$"\n'
+        'generation_kwargs:\n  until:\n    - "Question:"\n    - "</s>"\n    - "<|im_end|>"\n'
+        "  do_sample: false\n  temperature: 0.0\n"
+        "filter_list:\n  - name: strict-match\n    filter:\n      - function: regex\n"
+        '        regex_pattern: "#### (\\\\-?[0-9\\\\.\\\\,]+)"\n      - function: take_first\n'
+        "  - name: flexible-extract\n    filter:\n      - function: regex\n        group_select: -1\n"
+        '        regex_pattern: "(-?[$0-9.,]{2,})|(-?[0-9]+)"\n      - function: take_first\n'
+    )
+    theirs = lm_eval_run(files, yaml, "herd_gsm8k", 2)
+    model, tok = llamaherd.load(files / "herd", dtype=torch.float32)
+    ours = evaluate_task(ModelScorer(model, tok), load_task(f"{root / 'gsm_test.jsonl'}:gsm8k"), num_fewshot=2,
+                         log_samples=True)
+    samples = {}
+    for s in theirs["samples"]["herd_gsm8k"]:
+        samples.setdefault(s["doc_id"], {})[s["filter"]] = s
+    assert len(samples) == len(ours["samples"]) == 3
+    assert all(len(mine["response"]) > 20 for mine in ours["samples"])  # real generations, not empty ones
+    for i, mine in enumerate(ours["samples"]):
+        strict, flexible = samples[i]["strict-match"], samples[i]["flexible-extract"]
+        assert mine["context"] == strict["arguments"][0][0]
+        assert mine["response"] == strict["resps"][0][0]
+        assert (mine["strict"], mine["flexible"]) == (strict["filtered_resps"][0], flexible["filtered_resps"][0])
+        assert (mine["exact_match"], mine["exact_match_flexible"]) == (strict["exact_match"], flexible["exact_match"])
+    metrics = theirs["results"]["herd_gsm8k"]
+    assert ours["exact_match"] == pytest.approx(metrics["exact_match,strict-match"], abs=1e-9)
+    assert ours["exact_match_flexible"] == pytest.approx(metrics["exact_match,flexible-extract"], abs=1e-9)
+
+
 def test_shared_context_scoring_equals_scoring_each_choice_alone(files):
     """The context read once for all choices (one row, a mask keeping the choices apart), and the few-shot
     start read once for all items (its keys and values kept), give what a forward of context + choice gives

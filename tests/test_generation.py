@@ -60,6 +60,21 @@ def test_streaming_callback_sees_every_new_token_in_order(model):
     assert [seen[0], seen[1]] == out
 
 
+def test_on_token_returning_true_ends_that_row_there(model):
+    """A caller that stops on text (evaluation's stop strings) ends a row from the callback: the row keeps
+    what came up to that token, the other rows go on as before."""
+    prompts = [prompt(4, 1), prompt(11, 2)]
+    free = generate(model, prompts, max_new_tokens=12)
+    seen = {0: [], 1: []}
+
+    def on_token(row, tok):
+        seen[row].append(tok)
+        return row == 0 and len(seen[0]) == 5
+
+    out = generate(model, prompts, max_new_tokens=12, on_token=on_token)
+    assert out == [free[0][:5], free[1]] and seen[0] == free[0][:5]
+
+
 def test_sampling_is_seeded_and_respects_top_k(model):
     p = prompt(8, 3)
     a = generate(model, [p], max_new_tokens=20, temperature=1.0, top_p=0.95, seed=7)

@@ -80,7 +80,8 @@ class ModelScorer:
     def generate_until(self, contexts: list[str], until: list[str], max_tokens: int, *, samples: int = 1,
                        temperature: float = 0.0, seed: int = 0, progress=None) -> list[list[str]]:
         """``samples`` continuations of each context (greedy when ``temperature`` is 0), each ending before the
-        first of the ``until`` strings or at a stop token, after at most ``max_tokens`` tokens. A context
+        first of the ``until`` strings or at a stop token, after at most ``max_tokens`` tokens; special tokens
+        are left out of the text (as the harness's ``hf`` model and vLLM decode). A context
         longer than the model's window less ``max_tokens`` is cut from the left, as the harness cuts it.
         Rows of similar length are decoded together; ``progress(done, total)`` after each batch."""
         from llamaherd.generation import generate
@@ -91,6 +92,7 @@ class ModelScorer:
         prompts = [self.encode(c)[-room:] for c in contexts]
         rows = [(i, s) for i in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])) for s in range(samples)]
         marks = [u.encode() for u in until if u]
+        special = self.tokenizer.bos_id  # the special tokens come last: left out of the text, as the harness does
         out: list[list[str]] = [[""] * samples for _ in contexts]
         start = 0
         while start < len(rows):
@@ -99,7 +101,7 @@ class ModelScorer:
             said = [b"" for _ in batch]
 
             def seen(row: int, token: int, said=said) -> bool:  # ends a row once it has written an until string
-                piece = self.tokenizer.decode_bytes([token])
+                piece = self.tokenizer.decode_bytes([token]) if token < special else b""
                 said[row] += piece
                 tail = said[row][-(max((len(m) for m in marks), default=0) + len(piece)) :]
                 return any(m in tail for m in marks)
@@ -107,9 +109,8 @@ class ModelScorer:
             new = generate(self.model, [prompts[i] for i, _ in batch], max_new_tokens=max_tokens,
                            temperature=temperature, seed=seed + start if temperature > 0 else None,
                            stop_tokens=self.tokenizer.stop_tokens, on_token=seen if marks else None)
-            stops = set(self.tokenizer.stop_tokens)
             for (i, s), ids in zip(batch, new, strict=True):
-                out[i][s] = _cut(self.tokenizer.decode([t for t in ids if t not in stops]), until)
+                out[i][s] = _cut(self.tokenizer.decode([t for t in ids if t < special]), until)
             start += n
             if progress:
                 progress(len({i for i, _ in rows[:start]}), len(contexts))
@@ -301,7 +302,7 @@ class EndpointScorer:
             if self.max_len:
                 ids = ids[-max(1, self.max_len - max_tokens) :]
             body = {"model": self.model, "prompt": ids, "max_tokens": max_tokens, "temperature": temperature,
-                    "n": samples, "seed": seed}
+                    "n": samples, "seed": seed, "skip_special_tokens": True}
             if until:
                 body["stop"] = until[:4]
             choices = sorted(self._call("/v1/completions", body)["choices"], key=lambda c: c["index"])

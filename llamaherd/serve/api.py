@@ -90,7 +90,9 @@ class Server:
             top_k=_field(body, "top_k", int, None, low=1),
             seed=_field(body, "seed", int, None),
             stop=stop,
-            stop_tokens=not _field(body, "ignore_eos", bool, False))  # vLLM's extension: generate max_tokens
+            stop_tokens=not _field(body, "ignore_eos", bool, False),  # vLLM's extension: generate max_tokens
+            # vLLM's extension (its default is true): special tokens the model writes are left out of the text
+            skip_special_tokens=_field(body, "skip_special_tokens", bool, False))
         if params.top_p == 0.0:
             params.top_p = 1e-9
         return params, n
@@ -167,7 +169,8 @@ _SAMPLING = {"model": {"type": "string"}, "max_tokens": {"type": "integer", "min
              "top_p": {"type": "number", "minimum": 0, "maximum": 1}, "top_k": {"type": "integer", "minimum": 1},
              "n": {"type": "integer", "minimum": 1, "maximum": 16}, "seed": {"type": "integer"},
              "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]},
-             "ignore_eos": {"type": "boolean"}, "stream": {"type": "boolean"}}
+             "ignore_eos": {"type": "boolean"}, "skip_special_tokens": {"type": "boolean"},
+             "stream": {"type": "boolean"}}
 _COMPLETION = {"type": "object", "required": ["prompt"], "properties": {
     **_SAMPLING, "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}},
                                       {"type": "array", "items": {"type": "integer"}},

@@ -45,6 +45,7 @@ class SamplingParams:
     logprobs: int | None = None  # alternatives per generated token (0: the chosen token's logprob only)
     prompt_logprobs: bool = False  # the logprob of every prompt token after the first (``echo``)
     stop_tokens: bool = True  # end at the model's stop tokens
+    skip_special_tokens: bool = False  # special tokens (other than stops) add no text
 
 
 @dataclass
@@ -334,7 +335,8 @@ class Engine:
             self._finish(r, "stop")
             return
         r.output.append(token)
-        r.text += r._utf8.decode(self.tokenizer.decode_bytes([token]))
+        if not (p.skip_special_tokens and token >= self.tokenizer.bos_id):  # the special tokens come last
+            r.text += r._utf8.decode(self.tokenizer.decode_bytes([token]))
         cut, hold = _stop_search(r.text, p.stop, r.sent)
         if cut is not None:
             delta = r.text[r.sent:cut]
