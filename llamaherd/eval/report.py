@@ -44,7 +44,7 @@ def plot_results(results: dict[str, dict], path) -> None:
             if metric in got:
                 v, e = got[metric]
                 ax.bar(i, v, yerr=e, color=f"C{i}", capsize=3, label=label)
-                ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=7)
+                ax.text(i, v + (e or 0), f"{v:.3f}", ha="center", va="bottom", fontsize=7)
         if metric != "bits_per_byte":  # a share: the whole scale, so that small differences look small
             ax.set_ylim(0, 1)
         ax.set_title(f"{Path(task).name}\n{metric}", fontsize=8)

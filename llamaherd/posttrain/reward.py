@@ -135,10 +135,14 @@ def pair_margins(score_fn, batches) -> torch.Tensor:
     return torch.stack([out[i] for i in sorted(out)]) if out else torch.zeros(0, dtype=torch.float64)
 
 
+def margin_accuracy(margins: torch.Tensor) -> float:
+    """Share of pairs whose chosen row scores above the rejected one (0 for no pairs)."""
+    return int((margins > 0).sum()) / max(len(margins), 1)
+
+
 def pair_accuracy(score_fn, batches) -> float:
     """Share of pairs whose chosen row ``score_fn(batch)`` [2B] rates above the rejected one."""
-    margins = pair_margins(score_fn, batches)
-    return int((margins > 0).sum()) / max(len(margins), 1)
+    return margin_accuracy(pair_margins(score_fn, batches))
 
 
 def train_reward_model(base: str | Path, cfg: RunConfig, out_dir: str | Path, *, progress: bool = True,
@@ -167,7 +171,7 @@ def train_reward_model(base: str | Path, cfg: RunConfig, out_dir: str | Path, *,
     result = trainer.fit()
     model.eval()
     margins = pair_margins(lambda b: model(b.tokens.to(device), b.last.to(device)), eval_batches)
-    accuracy = int((margins > 0).sum()) / max(len(margins), 1)
+    accuracy = margin_accuracy(margins)
     # the Bradley-Terry loss on the held-out pairs: ln 2 = 0.693 for a model that prefers neither
     loss = float(torch.nn.functional.softplus(-margins).mean()) if len(margins) else None
     record = {"heldout_pair_accuracy": accuracy, "heldout_pair_loss": loss, "pairs": len(pairs),
