@@ -20,6 +20,8 @@ $(VENV)/.run: $(VENV)/.core
 
 $(VENV)/.dev: $(VENV)/.core
 	$(PY) -m pip install -q -e '.[dev]'
+	# the Llama Guard prompts' reference (tests/test_guard.py); its own dependencies are not needed for that
+	$(PY) -m pip install -q --no-deps llama-cookbook==0.0.5.post1
 	touch $@
 
 install: $(VENV)/.core

@@ -22,11 +22,14 @@ COMMAND_MODULES = [
     "llamaherd.posttrain.cli",  # sft, rm, sample, dpo, ppo
     "llamaherd.serve.cli",  # serve
     "llamaherd.eval.cli",  # eval
+    "llamaherd.safety.cli",  # guard
+    "llamaherd.safety.cyberseceval_cli",  # cyberseceval
 ]
 
 # commands whose second word names one of their own: `herd eval code ...` runs the `eval-code` parser
 SUBCOMMANDS = {("eval", "code"): "eval-code", ("eval", "decontaminate"): "eval-decontaminate",
-               ("eval", "pairwise"): "eval-pairwise"}
+               ("eval", "pairwise"): "eval-pairwise", ("guard", "prompt"): "guard-prompt",
+               ("guard", "train"): "guard-train"}
 
 
 def build_parser() -> argparse.ArgumentParser:
