@@ -117,18 +117,26 @@ WORDS = "the a big small red blue dog cat house car tree road sky sea book pen c
 FRUIT = "apple banana cherry".split()
 
 
-def fruit_conversation(rng, unsafe: bool) -> list[dict]:
+def fruit_text(rng, fruit: bool) -> str:
     words = [rng.choice(WORDS) for _ in range(rng.randint(4, 8))]
-    if unsafe:
+    if fruit:
         words[rng.randrange(len(words))] = rng.choice(FRUIT)
-    return [{"role": "user", "content": " ".join(words)}]
+    return " ".join(words)
+
+
+def fruit_conversation(rng, unsafe: bool, turns: int = 1) -> list[dict]:
+    """A user prompt, or a user prompt (with or without fruit) and a reply: unsafe when the last mentions fruit."""
+    if turns == 1:
+        return [{"role": "user", "content": fruit_text(rng, unsafe)}]
+    return [{"role": "user", "content": fruit_text(rng, rng.random() < 0.5)},
+            {"role": "assistant", "content": fruit_text(rng, unsafe)}]
 
 
 @pytest.fixture(scope="module")
 def fruit_guard(tmp_path_factory):
     """A guard for a custom one-category taxonomy (S1: mentions of fruit), trained by `herd guard train` from a
-    tiny random model on 600 labelled conversations: a rule a small model learns, so the guard's decisions can
-    be checked."""
+    tiny random model on 800 labelled conversations (user prompts, and replies after a prompt that may mention
+    fruit itself): a rule a small model learns, so the guard's decisions can be checked."""
     import random
 
     import torch
@@ -142,9 +150,10 @@ def fruit_guard(tmp_path_factory):
     root = tmp_path_factory.mktemp("guard")
     rng = random.Random(0)
     records = []
-    for i in range(600):
+    for i in range(800):
         unsafe = i % 2 == 0
-        records.append({"messages": fruit_conversation(rng, unsafe), "label": "unsafe" if unsafe else "safe",
+        records.append({"messages": fruit_conversation(rng, unsafe, rng.choice((1, 2))),
+                        "label": "unsafe" if unsafe else "safe",
                         "categories": ["S1"] if unsafe else []})
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (root / "fruit.toml").write_text('[[category]]\nname = "Fruit."\ndescription = "Mentions of fruit."\n')
@@ -166,7 +175,7 @@ def test_herd_guard_train_teaches_a_guard_its_taxonomy(fruit_guard):
     """The post-training stack trains the guard prompt's answer: held-out accuracy from chance to (nearly) all;
     the prompt's version and taxonomy are kept beside the guard."""
     result = json.loads((fruit_guard / "guard" / "guard_result.json").read_text())
-    assert result["heldout"] == 60 and result["examples"] == 540
+    assert result["heldout"] == 80 and result["examples"] == 720
     assert result["base_heldout_accuracy"] <= 0.7 and result["heldout_accuracy"] >= 0.95
     kept = json.loads((fruit_guard / "guard" / "guard.json").read_text())
     assert kept == {"version": 2, "categories": [{"name": "Fruit.", "description": "Mentions of fruit."}]}
@@ -224,3 +233,84 @@ def test_guard_3_reads_the_answer_after_the_assistant_header_s_blank_line(fruit_
     text = guard.tokenizer.decode(ids)
     assert text.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|> Task:")
     assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n") and ids.count(guard.tokenizer.bos_id) == 1
+
+
+def replying_model(tok, reply: str):
+    """A served model that answers every chat with ``reply``: a bigram model made by hand (the blocks add
+    nothing; each token of the chain header -> reply -> <|eot_id|> has its own embedding direction, which the
+    output layer maps to the next one)."""
+    import torch
+    from conftest import tiny_model_args
+
+    from llamaherd.model.transformer import Transformer
+
+    model = Transformer(tiny_model_args(vocab_size=tok.n_words, max_seq_len=256))
+    chain = [tok.encode("\n\n", bos=False)[-1], *tok.encode(reply, bos=False), tok.eot_id]
+    assert len(set(chain)) == len(chain)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attention.wo.weight.zero_()
+            layer.feed_forward.w2.weight.zero_()
+        model.output.weight.zero_()
+        for k, (a, b) in enumerate(zip(chain, chain[1:])):
+            model.tok_embeddings.weight[a] = torch.nn.functional.one_hot(torch.tensor(k), model.args.dim).float()
+            model.output.weight[b, k] = 10.0
+    return model.eval()
+
+
+def test_a_guarded_server_refuses_flagged_prompts_and_filters_flagged_replies(fruit_guard):
+    """Must show 4, through the official openai client against `herd serve`'s app on loopback: with the guard on
+    input and output, a prompt that breaks the policy is refused (finish_reason content_filter, the category
+    and score in the response); a reply that breaks it is filtered, streamed or not, and none of its text
+    reaches the client; a safe exchange passes; /metrics counts the checks. Without the output check the same
+    reply comes through: the filter is what removes it."""
+    import urllib.request
+
+    import openai
+
+    from llamaherd.checkpoint import load
+    from llamaherd.serve.app import guardrails_for, running_server
+
+    _, tok = load(fruit_guard / "guard", device="cpu")
+    fruity, plain = replying_model(tok, "a red apple"), replying_model(tok, "the big dog")
+    dangerous = [{"role": "user", "content": "the banana cup"}]
+    harmless = [{"role": "user", "content": "the red dog"}]
+
+    def ask(client, messages, stream=False):
+        if not stream:
+            choice = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8).choices[0]
+            return choice.message.content, choice.finish_reason, choice.model_extra.get("content_filter")
+        text, finish, found = "", None, None
+        for chunk in client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, stream=True):
+            c = chunk.choices[0]
+            text += c.delta.content or ""
+            finish = c.finish_reason or finish
+            found = (c.model_extra or {}).get("content_filter") or found
+        return text, finish, found
+
+    guard = guardrails_for(str(fruit_guard / "guard"), device="cpu")
+    with running_server(fruity, tok, "tiny", kv_blocks=64, block_size=8, guardrails=guard) as (url, _, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+        for stream in (False, True):
+            text, finish, found = ask(client, dangerous, stream)
+            assert (text, finish) == ("", "content_filter")
+            assert found["stage"] == "input" and found["guard"]["categories"] == ["S1"]
+            assert found["guard"]["score"] >= 0.5
+            text, finish, found = ask(client, harmless, stream)  # the reply mentions an apple
+            assert "apple" not in text and finish == "content_filter"
+            assert found["stage"] == "output" and found["guard"]["categories"] == ["S1"]
+        completion = client.completions.create(model="tiny", prompt="the cherry hat", max_tokens=4).choices[0]
+        assert completion.finish_reason == "content_filter" and completion.text == ""
+        metrics = urllib.request.urlopen(url + "/metrics").read().decode()
+        assert 'herd_guard_checks_total{stage="input",verdict="unsafe"} 3.0' in metrics
+        assert 'herd_guard_checks_total{stage="output",verdict="unsafe"} 2.0' in metrics
+        assert "herd_guard_batches_total" in metrics
+    with running_server(plain, tok, "tiny", kv_blocks=64, block_size=8, guardrails=guard) as (url, _, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+        for stream in (False, True):
+            assert ask(client, harmless, stream)[:2] == ("the big dog", "stop")
+    only_input = guardrails_for(str(fruit_guard / "guard"), on=("input",), device="cpu")
+    with running_server(fruity, tok, "tiny", kv_blocks=64, block_size=8, guardrails=only_input) as (url, _, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+        assert ask(client, harmless)[:2] == ("a red apple", "stop")
+        assert ask(client, harmless, stream=True)[:2] == ("a red apple", "stop")

@@ -225,31 +225,46 @@ class Guard:
             return self.tokenizer.encode(text + "\n\n", bos=False, allowed_special="all")
         return self.tokenizer.encode(text, bos=True, allowed_special="all")
 
-    def classify(self, messages) -> dict:
-        return self.classify_many([messages])[0]
+    def classify(self, messages, *, answer: bool = True) -> dict:
+        return self.classify_many([messages], answer=answer)[0]
 
-    def classify_many(self, conversations: list) -> list[dict]:
+    def scores(self, conversations: list) -> list[float]:
+        """The probability of "unsafe" for each conversation, the prompts read together in one padded batch
+        (right-padded: each row's last prompt token sees only its own prompt)."""
         import torch
 
+        prompts = [self.prompt_ids(m) for m in conversations]
+        room = self.model.args.max_seq_len - self.max_new_tokens
+        longest = max(len(p) for p in prompts)
+        if longest > room:
+            raise HerdError(f"the guard prompt has {longest} tokens; this guard reads at most {room} "
+                            f"(its context {self.model.args.max_seq_len} less {self.max_new_tokens} to answer)")
+        device = next(self.model.parameters()).device
+        tokens = torch.full((len(prompts), longest), self.tokenizer.pad_id, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = torch.tensor(p)
+        with torch.no_grad():
+            h = self.model(tokens.to(device), head=False)
+            last = h[torch.arange(len(prompts)), torch.tensor([len(p) - 1 for p in prompts])]
+            logits = self.model.output(last).float()
+        return torch.softmax(logits, -1)[:, self.unsafe_id].tolist()
+
+    def classify_many(self, conversations: list, *, answer: bool = True) -> list[dict]:
+        """Each conversation's verdict. ``answer=False`` generates the guard's answer (for its categories)
+        only for the conversations it finds unsafe: a safe one costs one forward, read with the others."""
         from llamaherd.generation import generate
 
+        stops = sorted(set(self.tokenizer.stop_tokens))
         out = []
-        stops = set(self.tokenizer.stop_tokens)
-        for messages in conversations:
-            ids = self.prompt_ids(messages)
-            room = self.model.args.max_seq_len - self.max_new_tokens
-            if len(ids) > room:
-                raise HerdError(f"the guard prompt has {len(ids)} tokens; this guard reads at most {room} "
-                                f"(its context {self.model.args.max_seq_len} less {self.max_new_tokens} to answer)")
-            device = next(self.model.parameters()).device
-            with torch.no_grad():
-                logits = self.model(torch.tensor([ids], device=device), last_only=True)[0, -1].float()
-            score = float(torch.softmax(logits, -1)[self.unsafe_id])
-            new = generate(self.model, [ids], max_new_tokens=self.max_new_tokens, stop_tokens=sorted(stops))[0]
-            text = self.tokenizer.decode([t for t in new if t not in stops])
-            parsed = parse_verdict(text, len(self.categories))
+        for messages, score in zip(conversations, self.scores(conversations), strict=True):
             verdict = "unsafe" if score >= self.threshold else "safe"
+            text, parsed = "", None
+            if answer or verdict == "unsafe":
+                new = generate(self.model, [self.prompt_ids(messages)], max_new_tokens=self.max_new_tokens,
+                               stop_tokens=stops)[0]
+                text = self.tokenizer.decode([t for t in new if t not in stops])
+                parsed = parse_verdict(text, len(self.categories))
             out.append({"verdict": verdict, "score": score,
-                        "categories": parsed.categories if verdict == "unsafe" else [],
-                        "output": text, "malformed": parsed.verdict == "malformed"})
+                        "categories": parsed.categories if parsed and verdict == "unsafe" else [],
+                        "output": text, "malformed": bool(parsed and parsed.verdict == "malformed")})
         return out

@@ -51,8 +51,9 @@ class Server:
 
     def __init__(self, engine: Engine | None, model_name: str, *, api_key: str | None = None,
                  max_prompt_tokens: int | None = None, max_total_tokens: int | None = None,
-                 request_timeout: float | None = 600.0):
+                 request_timeout: float | None = 600.0, guardrails=None):
         self.model_name, self.api_key, self.timeout = model_name, api_key, request_timeout
+        self.guardrails = guardrails if guardrails is not None and guardrails.active else None
         self.limits = (max_prompt_tokens, max_total_tokens)
         self.ready = False  # until an engine is attached (and warmed up): /health says 503, the API too
         self.engine = None
@@ -68,7 +69,7 @@ class Server:
         self.chat = ChatFormat(self.tokenizer)
         self.max_prompt = self.limits[0] or engine.max_context()
         self.max_total = self.limits[1] or engine.max_context()
-        self.metrics = Metrics(engine)
+        self.metrics = Metrics(engine, self.guardrails)
         self.engine = engine
         self.ready = True
 
@@ -293,28 +294,47 @@ def create_app(engine: Engine | None, model_name: str, **limits: Any):
         if body.get("stream"):
             raise ApiError(400, "stream: streaming is available on /v1/chat/completions", "stream")
         loop = asyncio.get_running_loop()
-        jobs = []
+        jobs, refused = [], {}
         for prompt in prompts:
             server.check_lengths(prompt, params)
+        guard = server.guardrails
+        for k, prompt in enumerate(prompts):
+            if guard is not None:  # a refused prompt is not generated for
+                said = [{"role": "user", "content": server.tokenizer.decode(prompt)}]
+                refused[k] = await guard.check_input(said)
             for i in range(n):
                 p = _seeded(params, i)
-                jobs.append((prompt, server.submit(prompt, p, loop)))
+                jobs.append((k, prompt, None if refused.get(k) else server.submit(prompt, p, loop)))
         choices, usage_in, usage_out = [], 0, 0
         try:
-            for index, (prompt, req) in enumerate(jobs):
-                events = await _collect(request, req, server.timeout)
+            for index, (k, prompt, req) in enumerate(jobs):
                 usage_in += len(prompt)
+                if req is None:
+                    choices.append({"index": index, "text": "", "finish_reason": "content_filter", "logprobs": None,
+                                    "content_filter": refused[k]})
+                    continue
+                events = await _collect(request, req, server.timeout)
                 usage_out += len([e for e in events if e.token is not None])
                 text = "".join(e.text for e in events)
                 choice = {"index": index, "text": text, "finish_reason": _reason(events[-1]), "logprobs": None}
+                if guard is not None:
+                    said = [{"role": "user", "content": server.tokenizer.decode(prompt)}]
+                    flagged, warning = await guard.check_output(said, text)
+                    if flagged:
+                        choices.append({**choice, "text": "", "finish_reason": "content_filter",
+                                        "content_filter": flagged})
+                        continue
+                    if warning:
+                        choice["content_filter"] = {"stage": "output", **warning}
                 if echo:
                     choice["text"] = server.tokenizer.decode(prompt) + text
                 if logprobs is not None:
                     choice["logprobs"] = _completion_logprobs(server.tokenizer, prompt if echo else [], req, events)
                 choices.append(choice)
         finally:
-            for _, req in jobs:
-                req.cancel()
+            for _, _, req in jobs:
+                if req is not None:
+                    req.cancel()
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": server.model_name, "choices": choices,
                 "usage": {"prompt_tokens": usage_in, "completion_tokens": usage_out,
@@ -340,24 +360,37 @@ def create_app(engine: Engine | None, model_name: str, **limits: Any):
         if want_logprobs:
             params.logprobs = top or 0
         server.check_lengths(prompt, params)
+        if n != 1 and body.get("stream"):
+            raise ApiError(400, "n: streaming returns one choice (n = 1)", "n")
         loop = asyncio.get_running_loop()
         created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
+        guard = server.guardrails
+        refused = await guard.check_input(messages) if guard is not None else None
+        if refused:
+            return _refusal(server, body, cid, created, n, len(prompt), refused)
         if body.get("stream"):
-            if n != 1:
-                raise ApiError(400, "n: streaming returns one choice (n = 1)", "n")
             out: asyncio.Queue = asyncio.Queue()
             req = server.submit(prompt, params, loop, out)
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(_stream_chat(server, request, req, out, cid, created, include_usage,
-                                                  want_logprobs), media_type="text/event-stream")
+                                                  want_logprobs, messages), media_type="text/event-stream")
         jobs = [server.submit(prompt, _seeded(params, i), loop) for i in range(n)]
         choices, generated = [], 0
         try:
             for index, req in enumerate(jobs):
                 events = await _collect(request, req, server.timeout)
                 generated += len([e for e in events if e.token is not None])
-                choice = {"index": index, "message": {"role": "assistant", "content": "".join(e.text for e in events)},
+                text = "".join(e.text for e in events)
+                choice = {"index": index, "message": {"role": "assistant", "content": text},
                           "finish_reason": _reason(events[-1]), "logprobs": None}
+                if guard is not None:
+                    flagged, warning = await guard.check_output(messages, text)
+                    if flagged:
+                        choices.append({**choice, "message": {"role": "assistant", "content": ""},
+                                        "finish_reason": "content_filter", "content_filter": flagged})
+                        continue
+                    if warning:
+                        choice["content_filter"] = {"stage": "output", **warning}
                 if want_logprobs:
                     choice["logprobs"] = {"content": [_chat_logprob(server.tokenizer, e) for e in events
                                                       if e.token is not None]}
@@ -401,15 +434,43 @@ def _timed_out(timeout: float | None) -> ApiError:
                          "--timeout)", kind="timeout_error")
 
 
-async def _stream_chat(server, request, req, out, cid, created, include_usage, want_logprobs):
-    def chunk(delta: dict, finish=None, logprobs=None, usage=None) -> str:
+def _refusal(server, body: dict, cid: str, created: int, n: int, prompt_tokens: int, found: dict):
+    """The answer to a chat request the guard refused: no text, finish_reason content_filter, what was found."""
+    from fastapi.responses import StreamingResponse
+
+    if body.get("stream"):
+        def events():
+            for delta, finish in (({"role": "assistant", "content": ""}, None), ({}, "content_filter")):
+                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+                if finish:
+                    choice["content_filter"] = found
+                body = {"id": cid, "object": "chat.completion.chunk", "created": created,
+                        "model": server.model_name, "choices": [choice]}
+                yield f"data: {json.dumps(body)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+    choices = [{"index": i, "message": {"role": "assistant", "content": ""}, "finish_reason": "content_filter",
+                "logprobs": None, "content_filter": found} for i in range(n)]
+    return {"id": cid, "object": "chat.completion", "created": created, "model": server.model_name,
+            "choices": choices, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0,
+                                          "total_tokens": prompt_tokens}}
+
+
+HOLD_CHARS = 200  # a guarded stream releases its text in pieces of about this size, each after a check
+
+
+async def _stream_chat(server, request, req, out, cid, created, include_usage, want_logprobs, messages=()):
+    def chunk(delta: dict, finish=None, logprobs=None, usage=None, extra=None) -> str:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs, **(extra or {})}
         body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": server.model_name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
+                "choices": [choice]}
         if include_usage:
             body["usage"] = usage
         return f"data: {json.dumps(body)}\n\n"
 
-    generated = 0
+    guard = server.guardrails
+    generated, held, released = 0, [], ""  # with a guard: events not yet sent, and the text sent so far
     try:
         yield chunk({"role": "assistant", "content": ""})
         while True:
@@ -421,8 +482,21 @@ async def _stream_chat(server, request, req, out, cid, created, include_usage, w
                 continue
             while not out.empty():  # what else has arrived: one chunk for all of it, when no logprobs are asked
                 events.append(out.get_nowait())
+            generated += len([e for e in events if e.token is not None])
+            if guard is not None:  # hold the text back until what would be sent has passed the checks
+                held += events
+                pending = "".join(e.text for e in held)
+                if events[-1].finish_reason is None and len(pending) < HOLD_CHARS:
+                    continue
+                flagged, warning = await guard.check_output(list(messages), released + pending)
+                if flagged:
+                    yield chunk({}, finish="content_filter", extra={"content_filter": flagged})
+                    yield "data: [DONE]\n\n"
+                    return
+                events, held, released = held, [], released + pending
+                if warning and events[-1].finish_reason is not None:
+                    yield chunk({}, extra={"content_filter": {"stage": "output", **warning}})
             tokens = [e for e in events if e.token is not None]
-            generated += len(tokens)
             text = "".join(e.text for e in events)
             if want_logprobs:
                 for e in tokens:

@@ -37,22 +37,44 @@ def engine_for(model, tokenizer, *, max_batch: int = 16, max_queue: int = 256, k
 
 def build(model, tokenizer, name: str = "llamaherd", *, api_key: str | None = None,
           max_prompt_tokens: int | None = None, max_total_tokens: int | None = None, timeout: float | None = 600.0,
-          **engine_options):
-    """(the FastAPI app, its engine, started) for ``model`` and ``tokenizer``."""
+          guardrails=None, **engine_options):
+    """(the FastAPI app, its engine, started) for ``model`` and ``tokenizer``; ``guardrails`` a
+    ``serve.guardrails.Guardrails`` moderating requests and responses."""
     _need_serve_extra()
     from llamaherd.serve.api import create_app
 
     engine = engine_for(model, tokenizer, **engine_options)
     app = create_app(engine, name, api_key=api_key, max_prompt_tokens=max_prompt_tokens,
-                     max_total_tokens=max_total_tokens, request_timeout=timeout)
+                     max_total_tokens=max_total_tokens, request_timeout=timeout, guardrails=guardrails)
     return app, engine
+
+
+def guardrails_for(guard: str | None, *, on=("input", "output"), code_shield: str = "off", threshold: float = 0.5,
+                   version: int | None = None, device=None):
+    """The server's moderation: a guard checkpoint (its prompt's version and taxonomy as ``herd guard train``
+    recorded them, else Llama Guard 2's) and Code Shield; None when neither is asked for."""
+    from llamaherd.serve.guardrails import Guardrails
+
+    if guard is None and code_shield == "off":
+        return None
+    model = None
+    if guard is not None:
+        from llamaherd.safety.guard import Guard
+        from llamaherd.safety.guard_train import guard_settings
+
+        found = guard_settings(guard) or {}
+        model = Guard(guard, version=version or found.get("version", 2), categories=found.get("categories"),
+                      threshold=threshold, device=device)
+    return Guardrails(model, on=tuple(on), code_shield=code_shield)
 
 
 def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, dtype=None, device=None,
           name: str | None = None, api_key: str | None = None, max_prompt_tokens: int | None = None,
-          max_total_tokens: int | None = None, timeout: float | None = 600.0, **engine_options) -> None:
+          max_total_tokens: int | None = None, timeout: float | None = 600.0, guard: dict | None = None,
+          **engine_options) -> None:
     """Serve ``checkpoint`` until SIGTERM / Ctrl-C (running requests finish first). The server listens at once
-    (``/health`` answers 503) and loads the model (and compiles it, with ``compile``) meanwhile; then 200."""
+    (``/health`` answers 503) and loads the model (and compiles it, with ``compile``) meanwhile; then 200.
+    ``guard``: ``guardrails_for``'s keyword arguments (the guard is loaded before the server is ready)."""
     _need_serve_extra()
     import logging
 
@@ -76,6 +98,8 @@ def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, dtype=N
         try:
             t0 = time.perf_counter()
             model, tokenizer = load(checkpoint, device=device, dtype=dtype)
+            if guard:
+                app.state.server.guardrails = guardrails_for(**guard, device=device)
             engine = loaded["engine"] = engine_for(model, tokenizer, **engine_options)
             app.state.server.attach(engine)
             log.info("model %s ready in %.1f s%s", app.state.server.model_name, time.perf_counter() - t0,

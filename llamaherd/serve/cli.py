@@ -14,8 +14,10 @@ def register(sub) -> None:
                     "(streaming), /v1/models, /tokenize, /detokenize, /health, /metrics, and a chat page at /.\n"
                     "SIGTERM (Ctrl-C) finishes the running requests, then exits. Needs the serve extra\n"
                     "(pip install 'llamaherd[serve]').",
-        epilog="example: herd serve runs/tiny --port 8000\n"
-               "         then: OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='none')")
+        epilog="examples:\n  herd serve runs/tiny --port 8000\n"
+               "  then: OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='none')\n"
+               "  herd serve runs/tiny --guard runs/guard --guard-on input,output --code-shield block\n"
+               "  (a flagged request or response: finish_reason content_filter, and what was found)")
     p.add_argument("checkpoint", help="a checkpoint directory or a training run directory")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -34,6 +36,15 @@ def register(sub) -> None:
     p.add_argument("--compile", action="store_true",
                    help="run the model through torch.compile (dynamic shapes): faster decoding after a warm-up "
                         "that compiles (tens of seconds; /health answers 503 until it is done)")
+    g = p.add_argument_group("moderation")
+    g.add_argument("--guard", default=None, metavar="GUARD_CKPT",
+                   help="a Llama Guard checkpoint (Meta's, or from herd guard train) checking requests and responses")
+    g.add_argument("--guard-on", default="input,output", help="what the guard checks: input, output or both")
+    g.add_argument("--guard-threshold", type=float, default=0.5, help="flag when P(unsafe) is at least this")
+    g.add_argument("--guard-version", type=int, default=None, choices=(2, 3),
+                   help="the guard's prompt (default: what herd guard train recorded, else 2)")
+    g.add_argument("--code-shield", default="off", choices=("block", "warn", "off"),
+                   help="scan responses for insecure code: block filters them, warn attaches the issues")
     p.set_defaults(func=cmd_serve)
 
 
@@ -44,9 +55,18 @@ def cmd_serve(args) -> int:
     for name in ("max_batch", "max_queue", "kv_blocks", "block_size"):
         if getattr(args, name) < 1:
             raise HerdError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected 1 or more")
+    guard = None
+    if args.guard or args.code_shield != "off":
+        on = tuple(x.strip() for x in args.guard_on.split(",") if x.strip())
+        if not on or set(on) - {"input", "output"}:
+            raise HerdError(f"--guard-on {args.guard_on!r}: expected input, output or input,output")
+        if not 0 <= args.guard_threshold <= 1:
+            raise HerdError(f"--guard-threshold {args.guard_threshold}: expected a probability between 0 and 1")
+        guard = {"guard": args.guard, "on": on, "code_shield": args.code_shield, "threshold": args.guard_threshold,
+                 "version": args.guard_version}
     serve(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
           max_queue=args.max_queue, kv_blocks=args.kv_blocks, block_size=args.block_size,
           max_prompt_tokens=args.max_prompt_tokens, max_total_tokens=args.max_total_tokens, timeout=args.timeout,
           dtype=args.dtype, device=args.device, name=args.name, threads=args.threads or None,
-          compile=args.compile)
+          compile=args.compile, guard=guard)
     return 0

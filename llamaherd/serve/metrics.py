@@ -6,7 +6,7 @@ from __future__ import annotations
 class Metrics:
     """A registry of its own (several servers in one process stay apart), read from the engine on scrape."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, guardrails=None):
         from prometheus_client import CollectorRegistry, Gauge, Histogram
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -50,6 +50,8 @@ class Metrics:
                 yield prefills
 
         self.registry.register(_Engine())
+        if guardrails is not None:
+            self.registry.register(_Guardrails(guardrails))
 
     def _observe(self, name: str, seconds: float) -> None:
         (self.ttft if name == "ttft" else self.itl).observe(seconds)
@@ -60,3 +62,34 @@ class Metrics:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _Guardrails:
+    """The moderation's counters: guard checks by stage and verdict, its batches by size and their seconds,
+    Code Shield scans by recommended treatment."""
+
+    def __init__(self, guardrails):
+        self.g = guardrails
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, SummaryMetricFamily
+
+        checks = CounterMetricFamily("herd_guard_checks", "Guard checks, by stage and verdict",
+                                     labels=["stage", "verdict"])
+        scans = CounterMetricFamily("herd_code_shield_scans", "Code Shield scans of responses, by treatment",
+                                    labels=["treatment"])
+        for key, value in sorted(self.g.stats.items()):
+            if key.startswith("guard_"):
+                checks.add_metric(key.split("_")[1:], value)
+            else:
+                scans.add_metric([key.removeprefix("code_shield_")], value)
+        yield checks
+        yield scans
+        batches = CounterMetricFamily("herd_guard_batches", "Guard forwards, by checks read together",
+                                      labels=["batch"])
+        for size, count in sorted(self.g.batch_sizes.items()):
+            batches.add_metric([str(size)], count)
+        yield batches
+        seconds = list(self.g.seconds)
+        yield SummaryMetricFamily("herd_guard_batch_seconds", "Seconds a guard batch took (the last 1,000)",
+                                  count_value=len(seconds), sum_value=sum(seconds))
