@@ -191,16 +191,18 @@ async def load(url: str, prompts: list[str], tokens: int) -> tuple[dict, dict]:
 
 
 @contextlib.contextmanager
-def serving(model, tok, tmp: Path, batch: int, threads: int, compile: bool):
-    """`herd serve` on ``model`` (saved to ``tmp``) as a process of its own, on a free loopback port."""
+def serving(model, tok, tmp: Path, batch: int, threads: int, compile: bool, extra: tuple[str, ...] = ()):
+    """`herd serve` on ``model`` (saved to ``tmp``) as a process of its own, on a free loopback port, with
+    ``extra`` options."""
     from llamaherd.checkpoint import save
     from llamaherd.serve.app import free_port
 
-    save(model, tmp / "ckpt", layout="herd", tokenizer=tok)
+    if not (tmp / "ckpt").exists():
+        save(model, tmp / "ckpt", layout="herd", tokenizer=tok)
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "llamaherd", "serve", str(tmp / "ckpt"), "--port", str(port),
                              "--name", "bench", "--max-batch", str(batch), "--kv-blocks", "4096",
-                             "--threads", str(threads)] + ["--compile"] * compile,
+                             "--threads", str(threads)] + ["--compile"] * compile + list(extra),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -225,6 +225,10 @@ class Guard:
             return self.tokenizer.encode(text + "\n\n", bos=False, allowed_special="all")
         return self.tokenizer.encode(text, bos=True, allowed_special="all")
 
+    def room(self) -> int:
+        """The longest prompt this guard reads: its context less the tokens of its answer."""
+        return self.model.args.max_seq_len - self.max_new_tokens
+
     def classify(self, messages, *, answer: bool = True) -> dict:
         return self.classify_many([messages], answer=answer)[0]
 
@@ -234,7 +238,7 @@ class Guard:
         import torch
 
         prompts = [self.prompt_ids(m) for m in conversations]
-        room = self.model.args.max_seq_len - self.max_new_tokens
+        room = self.room()
         longest = max(len(p) for p in prompts)
         if longest > room:
             raise HerdError(f"the guard prompt has {longest} tokens; this guard reads at most {room} "

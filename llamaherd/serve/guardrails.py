@@ -12,7 +12,9 @@ response and filters nothing.
 
 A flagged request or response is answered with ``finish_reason: "content_filter"``, no text, and a
 ``content_filter`` object saying what was found: ``{"stage": "input" | "output", "guard": {"score",
-"categories"}, "code_shield": {"issues", "recommended_treatment"}}``. A streamed response is held back and
+"categories"}, "code_shield": {"issues", "recommended_treatment"}}``. A request too long for the guard to read
+is a 400; a reply that makes the conversation too long for it is filtered (``"guard": {"error": ...}``), as
+what cannot be checked is not sent. A streamed response is held back and
 released in chunks only after the text so far has passed the checks, so no flagged text reaches the client.
 """
 
@@ -94,6 +96,16 @@ class Guardrails:
         """The guard's finding when it flags ``conversation``, else None."""
         if stage not in self.on or not conversation:
             return None
+        n = len(self.guard.prompt_ids(conversation))
+        if n > self.guard.room():
+            self.stats[f"guard_{stage}_too long"] += 1
+            message = (f"the conversation makes a guard prompt of {n} tokens; the guard reads at most "
+                       f"{self.guard.room()}")
+            if stage == "input":  # the client's request: a 400 that says so
+                from llamaherd.serve.api import ApiError
+
+                raise ApiError(400, message + " (shorten the conversation)", "messages")
+            return {"score": None, "categories": [], "error": message}  # a reply that cannot be checked is held
         future: Future = Future()
         self._queue.put((conversation, future))
         result = await asyncio.wrap_future(future)

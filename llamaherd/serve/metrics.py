@@ -80,7 +80,7 @@ class _Guardrails:
                                     labels=["treatment"])
         for key, value in sorted(self.g.stats.items()):
             if key.startswith("guard_"):
-                checks.add_metric(key.split("_")[1:], value)
+                checks.add_metric(key.split("_", 2)[1:], value)
             else:
                 scans.add_metric([key.removeprefix("code_shield_")], value)
         yield checks
