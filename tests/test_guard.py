@@ -299,6 +299,8 @@ def test_a_guarded_server_refuses_flagged_prompts_and_filters_flagged_replies(fr
             text, finish, found = ask(client, harmless, stream)  # the reply mentions an apple
             assert "apple" not in text and finish == "content_filter"
             assert found["stage"] == "output" and found["guard"]["categories"] == ["S1"]
+        with pytest.raises(openai.BadRequestError, match="the guard reads at most"):  # too long to moderate
+            ask(client, [{"role": "user", "content": "the red dog " * 65}])
         completion = client.completions.create(model="tiny", prompt="the cherry hat", max_tokens=4).choices[0]
         assert completion.finish_reason == "content_filter" and completion.text == ""
         metrics = urllib.request.urlopen(url + "/metrics").read().decode()
