@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "llamaherd.eval.cli",  # eval
     "llamaherd.safety.cli",  # guard
     "llamaherd.safety.cyberseceval_cli",  # cyberseceval
+    "llamaherd.safety.codeshield_cli",  # codeshield
 ]
 
 # commands whose second word names one of their own: `herd eval code ...` runs the `eval-code` parser

@@ -24,7 +24,8 @@ def test_every_command_has_help(capsys):
     commands = list(all_commands(build_parser()))
     assert {("run",), ("pretrain",), ("recipes",), ("generate",), ("chat",), ("convert",), ("info",),
             ("tokenizer", "train"), ("data", "pack"), ("eval",), ("eval", "code"),
-            ("eval", "pairwise"), ("guard",), ("guard", "prompt"), ("guard", "train")} <= set(commands)
+            ("eval", "pairwise"), ("guard",), ("guard", "prompt"), ("guard", "train"),
+            ("cyberseceval",), ("codeshield",)} <= set(commands)
     for cmd in commands:
         with pytest.raises(SystemExit) as e:
             main([*cmd, "--help"])
