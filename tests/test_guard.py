@@ -70,6 +70,7 @@ def test_a_custom_taxonomy_replaces_the_default(tmp_path):
             got = guard_prompt(CONVERSATIONS[1], version, cats, with_policy)
             assert got == reference(CONVERSATIONS[1], version, cats, with_policy)
     assert "S1: Fruit.\nS2: Spoilers.\n<END UNSAFE" in guard_prompt(CONVERSATIONS[0], 2, cats)
+    assert guard_prompt(CONVERSATIONS[0], 3, str(path)) == guard_prompt(CONVERSATIONS[0], 3, cats)  # a TOML path
     assert "S1: Fruit.\nMentions of fruit.\nS2: Spoilers.\nPlot twists\n - of films\n<END" in guard_prompt(
         CONVERSATIONS[0], 2, cats, with_policy=True)
     path.write_text("[[category]]\ndescription = 'no name'\n")

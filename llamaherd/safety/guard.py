@@ -121,14 +121,17 @@ def _turns(messages) -> list[tuple[str, str]]:
     return turns
 
 
-def guard_prompt(messages, version: int = 2, categories: list[Category] | None = None,
+def guard_prompt(messages, version: int = 2, categories: list[Category] | str | Path | None = None,
                  with_policy: bool = False) -> str:
     """The Llama Guard ``version`` (2 or 3) prompt classifying the last message of ``messages`` (user and
-    assistant turns in turn), against ``categories`` (default: the version's taxonomy)."""
+    assistant turns in turn), against ``categories`` (default: the version's taxonomy; a list of
+    ``Category``, or the path of a TOML taxonomy)."""
     if version not in _WRAP:
         raise HerdError(f"guard version {version!r}: expected 2 or 3")
     turns = _turns(messages)
     role = "User" if len(turns) % 2 == 1 else "Agent"
+    if isinstance(categories, (str, Path)):
+        categories = load_categories(categories)
     cats = TAXONOMIES[version] if categories is None else categories
     if not cats:
         raise HerdError("guard categories: expected at least one")
