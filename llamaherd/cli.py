@@ -22,9 +22,7 @@ COMMAND_MODULES = [
     "llamaherd.posttrain.cli",  # sft, rm, sample, dpo, ppo
     "llamaherd.serve.cli",  # serve
     "llamaherd.eval.cli",  # eval
-    "llamaherd.safety.cli",  # guard
-    "llamaherd.safety.cyberseceval_cli",  # cyberseceval
-    "llamaherd.safety.codeshield_cli",  # codeshield
+    "llamaherd.safety.cli",  # guard, cyberseceval, codeshield
 ]
 
 # commands whose second word names one of their own: `herd eval code ...` runs the `eval-code` parser

@@ -100,24 +100,6 @@ def register(sub) -> None:
     w.set_defaults(func=cmd_eval_pairwise)
 
 
-def scorer_for(model: str, *, device=None, batch_tokens: int = 8192, api_key: str | None = None):
-    """A ModelScorer for a checkpoint, an EndpointScorer for an http(s) URL."""
-    from llamaherd.errors import HerdError
-    from llamaherd.eval.loglik import EndpointScorer, ModelScorer
-
-    if model.startswith(("http://", "https://")):
-        return EndpointScorer(model, api_key=api_key)
-    import torch
-
-    from llamaherd.checkpoint import load
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    m, tok = load(model, device=device, dtype=None if device.startswith("cuda") else torch.float32)
-    if tok is None:
-        raise HerdError(f"{model}: has no tokenizer files; evaluation needs one")
-    return ModelScorer(m, tok, batch_tokens=batch_tokens)
-
-
 def _progress_bar(disabled: bool):
     """A rich progress bar on stderr, quiet when asked or when stderr is not a terminal."""
     from rich.console import Console
@@ -163,6 +145,8 @@ def cmd_eval(args) -> int:
     tasks = [load_task(t.strip()) for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise HerdError("--tasks: expected at least one task")
+    from llamaherd.eval.loglik import scorer_for
+
     scorer = scorer_for(args.model, device=args.device, batch_tokens=args.batch_tokens, api_key=args.api_key)
     result = {"model": args.model, "tasks": {}}
     with _progress_bar(args.no_progress) as bar:

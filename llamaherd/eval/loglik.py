@@ -328,3 +328,21 @@ class EndpointScorer:
                 scores.append((float(total), greedy))
             out.append(scores)
         return out
+
+
+def scorer_for(model: str, *, device=None, batch_tokens: int = 8192, api_key: str | None = None):
+    """A ModelScorer for a checkpoint, an EndpointScorer for an http(s) URL."""
+    from llamaherd.errors import HerdError
+    from llamaherd.eval.loglik import EndpointScorer, ModelScorer
+
+    if model.startswith(("http://", "https://")):
+        return EndpointScorer(model, api_key=api_key)
+    import torch
+
+    from llamaherd.checkpoint import load
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    m, tok = load(model, device=device, dtype=None if device.startswith("cuda") else torch.float32)
+    if tok is None:
+        raise HerdError(f"{model}: has no tokenizer files; evaluation needs one")
+    return ModelScorer(m, tok, batch_tokens=batch_tokens)

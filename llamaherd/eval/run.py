@@ -41,8 +41,8 @@ def check_eval(cfg: RunConfig) -> None:
 def evaluate_checkpoint(path: Path, tasks: list[str], *, limit: int = 0, num_fewshot: int = -1, chat: bool = False,
                         device: str | None = None, progress=None) -> dict:
     """``{"checkpoint", "chat", "tasks": {name: metrics}}`` of one checkpoint on ``tasks``."""
-    from llamaherd.eval.cli import scorer_for
     from llamaherd.eval.harness import evaluate_task
+    from llamaherd.eval.loglik import scorer_for
     from llamaherd.eval.tasks import load_task
 
     scorer = scorer_for(str(path), device=device)
