@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "llamaherd.serve.cli",  # serve
     "llamaherd.eval.cli",  # eval
     "llamaherd.safety.cli",  # guard, cyberseceval, codeshield
+    "llamaherd.scaling.cli",  # scaling
 ]
 
 # commands whose second word names one of their own: `herd eval code ...` runs the `eval-code` parser

@@ -25,7 +25,8 @@ def test_every_command_has_help(capsys):
     assert {("run",), ("pretrain",), ("recipes",), ("generate",), ("chat",), ("convert",), ("info",),
             ("tokenizer", "train"), ("data", "pack"), ("eval",), ("eval", "code"),
             ("eval", "pairwise"), ("guard",), ("guard", "prompt"), ("guard", "train"),
-            ("cyberseceval",), ("codeshield",)} <= set(commands)
+            ("cyberseceval",), ("codeshield",), ("scaling",), ("scaling", "sweep"), ("scaling", "fit"),
+            ("scaling", "optimal"), ("scaling", "predict-task"), ("scaling", "task-points")} <= set(commands)
     for cmd in commands:
         with pytest.raises(SystemExit) as e:
             main([*cmd, "--help"])
