@@ -455,6 +455,18 @@ def test_sweep_of_tiny_models_resumes_after_sigkill_then_fits(byte_corpus, tmp_p
     assert law["E"] > 0 and fit["fits"][0]["optimal"][0]["approach3"]["params"] > 0
     assert (out / "report.md").read_text().startswith("# Scaling-law fit") and (out / "optimal.png").is_file()
     capsys.readouterr()
+    # predict-task's input from real `herd eval --log-samples` results on two of the sweep's runs
+    choices = {"text": [" +1", " *2", " -3"], "label": ["A", "B", "C"]}
+    items = [{"question": f"def f{i}(x): return x", "choices": choices, "answerKey": "ABC"[i % 3]} for i in range(4)]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(x) + "\n" for x in items))
+    evals = []
+    for name in ("c1e9-d16", "c2e9-d32"):
+        evals.append(tmp_path / f"{name}.json")
+        assert main(["eval", str(out / "runs" / name), "--tasks", f"{tmp_path / 'mc.jsonl'}:arc", "--log-samples",
+                     "--json", str(evals[-1]), "--device", "cpu"]) == 0
+    points = task_points(evals, f"{tmp_path / 'mc.jsonl'}:arc", sweep_dir=out)
+    assert [p.flops for p in points] == [records["c1e9-d16"]["flops"], records["c2e9-d32"]["flops"]]
+    assert all(p.nll > 0 and 0 <= p.accuracy <= 1 for p in points)
 
 
 def test_sweep_refuses_other_settings_in_the_same_directory(byte_corpus, tmp_path):
