@@ -115,7 +115,7 @@ def test_fit_command_prints_both_approaches_in_the_contract_layout(chinchilla_ru
     assert abs(par["E"] - 1.69) < 0.05 and abs(par["alpha"] - 0.34) < 0.03 and abs(par["beta"] - 0.28) < 0.03
     assert abs(iso["params_exponent"] - 0.28 / 0.62) < 0.01 and abs(iso["tokens_exponent"] - 0.34 / 0.62) < 0.01
     assert json.loads((tmp_path / "fit" / "fit.json").read_text())["parametric"] == par
-    for name in ("report.md", "isoflops.png", "optimal.png"):
+    for name in ("report.md", "isoflops.png", "optimal.png", "tokens.png"):
         assert (tmp_path / "fit" / name).stat().st_size > 0, name
 
 
@@ -129,6 +129,13 @@ def test_bootstrap_intervals_hold_the_true_values(chinchilla_runs):
     iv3 = boot3["intervals"]
     assert iv3["alpha"][0] < 0.34 < iv3["alpha"][1] and iv3["beta"][0] < 0.28 < iv3["beta"][1]
     assert iv3["E"][0] < 1.69 < iv3["E"][1]
+    # the frontier's band (optimal.png) holds the true N*(C) and D*(C) from the smallest budget to 1e24
+    for b in (boot, boot3):
+        band = b["frontier"]
+        assert band["flops"][0] == min(BUDGETS) and band["flops"][-1] == pytest.approx(1e24)
+        n_true, d_true = CHINCHILLA.optimal(np.array(band["flops"]))
+        assert np.all((np.array(band["params"][0]) < n_true) & (n_true < np.array(band["params"][1])))
+        assert np.all((np.array(band["tokens"][0]) < d_true) & (d_true < np.array(band["tokens"][1])))
 
 
 def test_chinchillas_closed_form_optimum_is_the_minimum_along_the_isoflop_curve():

@@ -434,6 +434,25 @@ def _interval(samples, level: float) -> list[float]:
     return [float(lo), float(hi)]
 
 
+FRONTIER_POINTS = 24  # budgets at which a bootstrap gives the frontier's interval (for optimal.png)
+
+
+def frontier_grid(budgets, at_flops=()) -> np.ndarray:
+    """Budgets from the smallest run's to the largest of the runs' and the asked ones, geometrically spaced."""
+    values = [*budgets, *at_flops]
+    return np.geomspace(min(values), max(values), FRONTIER_POINTS)
+
+
+def _frontier(grid: np.ndarray, params: list, tokens: list, level: float) -> dict | None:
+    """The pointwise percentile band of N*(C) and D*(C) over ``grid`` from the resamples' curves."""
+    if not params:
+        return None
+    tail = (1 - level) / 2 * 100
+    band = {key: np.percentile(np.asarray(curves), [tail, 100 - tail], axis=0).tolist()
+            for key, curves in (("params", params), ("tokens", tokens))}
+    return {"flops": grid.tolist(), **band}
+
+
 def bootstrap_isoflop(runs: list[Run], *, n: int = 200, at_flops=(), level: float = 0.95, seed: int = 0) -> dict:
     """Percentile intervals of approach 2's exponents (and of N*, D* at ``at_flops``), from ``n`` refits on
     runs resampled with replacement within each budget. Resamples whose fit fails are skipped and counted."""
@@ -441,6 +460,7 @@ def bootstrap_isoflop(runs: list[Run], *, n: int = 200, at_flops=(), level: floa
     groups = group_by_budget(runs)
     keys = ["params_exponent", "tokens_exponent"] + [f"{k}@{c:.3g}" for c in at_flops for k in ("params", "tokens")]
     samples: dict[str, list[float]] = {k: [] for k in keys}
+    grid, curves_n, curves_d = frontier_grid(list(groups), at_flops), [], []
     failed = 0
     for _ in range(n):
         resampled = [rs[i] for rs in groups.values() for i in rng.integers(0, len(rs), len(rs))]
@@ -453,12 +473,15 @@ def bootstrap_isoflop(runs: list[Run], *, n: int = 200, at_flops=(), level: floa
             continue
         samples["params_exponent"].append(fit.params_law.exponent)
         samples["tokens_exponent"].append(fit.tokens_law.exponent)
+        curves_n.append(fit.params_law(grid))
+        curves_d.append(fit.tokens_law(grid))
         for c in at_flops:
             nn, dd = fit.optimal(c)
             samples[f"params@{c:.3g}"].append(nn)
             samples[f"tokens@{c:.3g}"].append(dd)
     out = {k: _interval(v, level) for k, v in samples.items() if v}
-    return {"level": level, "resamples": n, "failed": failed, "intervals": out}
+    return {"level": level, "resamples": n, "failed": failed, "intervals": out,
+            "frontier": _frontier(grid, curves_n, curves_d, level)}
 
 
 def bootstrap_parametric(runs: list[Run], *, n: int = 100, at_flops=(), level: float = 0.95, seed: int = 0,
@@ -470,6 +493,7 @@ def bootstrap_parametric(runs: list[Run], *, n: int = 100, at_flops=(), level: f
     init = [theta_of(fit.law)]
     keys = ["E", "A", "B", "alpha", "beta"] + [f"{k}@{c:.3g}" for c in at_flops for k in ("params", "tokens")]
     samples: dict[str, list[float]] = {k: [] for k in keys}
+    grid, curves_n, curves_d = frontier_grid([r.budget for r in runs], at_flops), [], []
     failed = 0
     for _ in range(n):
         resampled = [runs[i] for i in rng.integers(0, len(runs), len(runs))]
@@ -482,12 +506,16 @@ def bootstrap_parametric(runs: list[Run], *, n: int = 100, at_flops=(), level: f
             continue
         for k in ("E", "A", "B", "alpha", "beta"):
             samples[k].append(getattr(law, k))
+        nn, dd = law.optimal(grid)
+        curves_n.append(nn)
+        curves_d.append(dd)
         for c in at_flops:
             nn, dd = law.optimal(c)
             samples[f"params@{c:.3g}"].append(nn)
             samples[f"tokens@{c:.3g}"].append(dd)
     out = {k: _interval(v, level) for k, v in samples.items() if v}
-    return {"level": level, "resamples": n, "failed": failed, "intervals": out}
+    return {"level": level, "resamples": n, "failed": failed, "intervals": out,
+            "frontier": _frontier(grid, curves_n, curves_d, level)}
 
 
 # --- several data mixes, held-out runs --------------------------------------------------------------------

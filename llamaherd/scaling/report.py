@@ -2,7 +2,9 @@
 
     isoflops.png   loss against N for each budget: the runs, approach 2's parabolas and their minima,
                    approach 3's L(N, C / (k N)) dashed (one file per data mix: isoflops-MIX.png)
-    optimal.png    N*(C) and D*(C): the IsoFLOP minima, approach 2's power laws, approach 3's allocation
+    optimal.png    N*(C) and D*(C): the IsoFLOP minima, approach 2's power laws, approach 3's allocation,
+                   each with its bootstrap interval as a band when the fit was bootstrapped
+    tokens.png     loss against tokens at fixed N past the compute-optimal D (approach 3)
     report.md      the runs, both fits with their intervals, the allocation at the asked budgets, the
                    held-out check, every warning, and the data mixes ranked
     task.png       (predict-task) NLL against FLOPs and accuracy against NLL, with the prediction
@@ -87,13 +89,15 @@ def plot_optimal(fits: list[dict], path: Path, at_flops=()) -> Path | None:
                                    marker="o" if used else "x",
                                    label=f"IsoFLOP minima{tag}" + ("" if used else " (unbracketed, left out)"))
                 law = PowerLaw(**a2[law_key])
-                ax.plot(cs, law(cs), label=f"approach 2{tag}: C^{law.exponent:.3f}")
+                line = ax.plot(cs, law(cs), label=f"approach 2{tag}: C^{law.exponent:.3f}")[0]
+                _band(ax, a2, key, line.get_color(), f"approach 2{tag}")
             if "law" in a3:
                 law3 = ParametricLaw(**a3["law"])
                 n, d = law3.optimal(cs)
                 exp_n, exp_d = law3.exponents()
-                ax.plot(cs, n if key == "params" else d, "--",
-                        label=f"approach 3{tag}: C^{exp_n if key == 'params' else exp_d:.3f}")
+                line = ax.plot(cs, n if key == "params" else d, "--",
+                               label=f"approach 3{tag}: C^{exp_n if key == 'params' else exp_d:.3f}")[0]
+                _band(ax, a3, key, line.get_color(), f"approach 3{tag}")
     for ax, label in ((axes[0], "compute-optimal parameters N*"), (axes[1], "compute-optimal tokens D*")):
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -101,6 +105,48 @@ def plot_optimal(fits: list[dict], path: Path, at_flops=()) -> Path | None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _band(ax, approach: dict, key: str, color, label: str) -> None:
+    """The bootstrap's pointwise interval of N* or D* as a shaded band, when the fit was bootstrapped."""
+    band = (approach.get("bootstrap") or {}).get("frontier")
+    if band:
+        level = approach["bootstrap"]["level"]
+        ax.fill_between(band["flops"], band[key][0], band[key][1], color=color, alpha=0.15, linewidth=0,
+                        label=f"{label}: {level:.0%} bootstrap interval")
+
+
+def plot_tokens(fits: list[dict], path: Path) -> Path | None:
+    """Loss against training tokens at fixed model sizes under approach 3's L(N, D), from a quarter of the
+    compute-optimal D to 1,000 times it: the gains past the optimum that made Meta train an 8B model on 15T
+    tokens, 75 times the ~200B Chinchilla-optimal. Sizes: the compute-optimal N at the smallest and largest
+    budget, and between them."""
+    plt = _plt()
+    laws = [(f["mix"], ParametricLaw(**f["approach3"]["law"]), f["budgets"])
+            for f in fits if "law" in f.get("approach3", {})]
+    if plt is None or not laws:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for mix, law, budgets in laws:
+        a = law.exponents()[0]
+        lo, hi = law.optimal(min(budgets))[0], law.optimal(max(budgets))[0]
+        for n in np.geomspace(lo, hi, 3) if hi > lo else [lo]:
+            d_opt = (n / law.G) ** (1 / a) / n  # the D at which N is compute-optimal: N = G (C/6)^a, C = 6 N D
+            ds = np.geomspace(d_opt / 4, d_opt * 1000, 60)
+            line = ax.plot(ds, law.loss(n, ds), label=f"N {n:,.0f}" + (f" ({mix})" if mix else ""))[0]
+            ax.scatter([d_opt], [law.loss(n, d_opt)], color=line.get_color(), marker="o", zorder=3)
+            ax.axhline(law.E + law.A / n**law.alpha, color=line.get_color(), linestyle=":", linewidth=0.7)
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens D")
+    ax.set_ylabel("predicted loss (nats/token)")
+    ax.set_title("Loss past the compute-optimal tokens (dots), approach 3;\ndotted: the limit E + A/N^alpha of "
+                 "infinite data", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -200,6 +246,11 @@ def write_report(out: Path, runs: list[Run], result: dict, *, title: str = "Scal
     at = [row["flops"] for row in result["fits"][0]["optimal"]]
     if plot_optimal(result["fits"], out / "optimal.png", at) is not None:
         lines += ["## Compute-optimal frontier", "", "![N* and D* against C](optimal.png)", ""]
+    if plot_tokens(result["fits"], out / "tokens.png") is not None:
+        lines += ["## Training past the optimum", "",
+                  "Approach 3's loss at fixed N as D grows past the compute-optimal tokens (dots): it keeps "
+                  "falling, ever more slowly, towards E + A/N^alpha.", "",
+                  "![loss against tokens](tokens.png)", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
