@@ -68,6 +68,9 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda when available
     dtype: str = "auto"  # auto: bf16 autocast on GPU, float32 on CPU; or float32 / bfloat16
     compile: bool = False
+    # tokens per chunk of a chunked head + cross-entropy (no [tokens, vocab] logits in memory; the same loss),
+    # e.g. 1024: each chunk then holds 1024 x vocab logits (0.8 GB in bf16 + float32 at 128K); 0: the plain loss
+    loss_chunk: int = 0
     activation_checkpointing: bool = False
     log_every: int = 10
     eval_every: int = 100

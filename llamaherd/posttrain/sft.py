@@ -136,7 +136,7 @@ def sft(base: str | Path, cfg: RunConfig, out_dir: str | Path, *, progress: bool
     (out_dir / "config.toml").write_text(dump_config(cfg))
     base_f1 = heldout_token_f1(model, chat, heldout, pcfg.max_new_tokens)
     loader = ChatLoader(examples, tcfg.seq_len, tcfg.batch_size, seed=tcfg.seed)
-    trainer = PostTrainer(model, NextTokenLoss(), loader, cfg, out_dir, tokenizer=tokenizer,
+    trainer = PostTrainer(model, NextTokenLoss(chunk_size=tcfg.loss_chunk), loader, cfg, out_dir, tokenizer=tokenizer,
                           eval_data=(lambda: eval_batches(val_examples, tcfg.seq_len, tcfg.batch_size))
                           if val_examples else None, name="sft", progress=progress, console=console)
     trainer.resume()

@@ -41,6 +41,12 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, cons
     tcfg = cfg.train
     if tcfg.steps < 1 or tcfg.batch_size < 1 or tcfg.seq_len < 2 or tcfg.grad_accum < 1:
         raise HerdError("train: steps, batch_size and grad_accum must be >= 1 and seq_len >= 2")
+    if tcfg.loss_chunk < 0:
+        raise HerdError(f"train.loss_chunk {tcfg.loss_chunk}: expected 0 (the plain loss) or tokens per chunk >= 1")
+    if tcfg.loss_chunk and (cfg.parallel.tp > 1 or cfg.parallel.pp > 1):
+        raise HerdError(f"train.loss_chunk {tcfg.loss_chunk} with parallel.tp {cfg.parallel.tp} and parallel.pp "
+                        f"{cfg.parallel.pp}: the chunked loss needs the whole output weight on one stage; expected "
+                        "train.loss_chunk=0 (tensor parallel's loss parallel keeps the logits split instead)")
     if not cfg.data.train_dir:
         raise HerdError("data.train_dir is not set: point it at a packed dataset (herd data pack)")
     tokenizer_path = Path(cfg.tokenizer.path) if cfg.tokenizer.path else run_dir / "tokenizer.model"
@@ -77,9 +83,10 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, cons
 
             # predicted targets: every token but each document's first
             eval_text = (val_set.n_tokens - val_set.n_docs, dataset_bytes(val_set, tokenizer))
-        trainer = Trainer(build_model(args, cfg, device, dist), NextTokenLoss(compile=tcfg.compile), loader, cfg,
-                          run_dir, tokenizer=tokenizer, eval_data=eval_data, eval_text=eval_text, name="pretrain",
-                          progress=progress, console=console, dist=dist)
+        loss = NextTokenLoss(compile=tcfg.compile, chunk_size=tcfg.loss_chunk)
+        trainer = Trainer(build_model(args, cfg, device, dist), loss, loader, cfg, run_dir, tokenizer=tokenizer,
+                          eval_data=eval_data, eval_text=eval_text, name="pretrain", progress=progress,
+                          console=console, dist=dist)
         trainer.resume()
         result = trainer.fit()
         if dist.is_main:
