@@ -26,6 +26,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from llamaherd.config import RunConfig
+from llamaherd.errors import HerdError
 from llamaherd.model.args import ModelArgs
 from llamaherd.model.transformer import Transformer
 
@@ -160,6 +161,10 @@ def build_model(args: ModelArgs, cfg: RunConfig, device: torch.device, dist=None
         if args.tie_embeddings:  # to_empty gives every module its own tensor: tie them again
             model.output.weight = model.tok_embeddings.weight
     model.init_rope(device)
+    lean = param_dtype(cfg.train.param_dtype)
+    if lean is not None and dist is not None and dist.world > 1:
+        raise HerdError(f"train.param_dtype {cfg.train.param_dtype} with {dist.world} processes: expected float32; "
+                        "FSDP shards the weights and optimizer states over the processes instead")
     if dist is not None and dist.world > 1:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -167,7 +172,19 @@ def build_model(args: ModelArgs, cfg: RunConfig, device: torch.device, dist=None
                              options=StateDictOptions(full_state_dict=True, strict=dist.layout.pp == 1))
     else:
         model.init_weights(seed=cfg.train.seed)
+    if lean is not None:  # the weights (and so their gradients and AdamW's states) in bf16; RoPE's tables stay float32
+        for p in model.parameters():
+            p.data = p.data.to(lean)
     return model.train()
+
+
+def param_dtype(name: str) -> torch.dtype | None:
+    """``train.param_dtype``: None for float32 (the default: float32 master weights), else the dtype."""
+    if name in ("float32", "fp32"):
+        return None
+    if name in ("bfloat16", "bf16"):
+        return torch.bfloat16
+    raise HerdError(f"train.param_dtype {name!r}: expected float32 or bfloat16")
 
 
 def grad_norm(model: torch.nn.Module, dist=None) -> torch.Tensor:

@@ -17,7 +17,7 @@ from llamaherd.config import RunConfig, dump_config, model_args
 from llamaherd.errors import HerdError
 from llamaherd.train.distributed import Distributed
 from llamaherd.train.losses import NextTokenLoss
-from llamaherd.train.parallel import build_model
+from llamaherd.train.parallel import build_model, param_dtype
 from llamaherd.train.trainer import Trainer, TrainResult, autocast_dtype, check_writable, resolve_device
 
 
@@ -65,6 +65,7 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, cons
         raise HerdError(f"train.seq_len {tcfg.seq_len} is longer than the model's max_seq_len {args.max_seq_len}")
     device = resolve_device(tcfg.device)
     autocast_dtype(tcfg.dtype, device)  # a bad train.dtype fails before anything is built
+    param_dtype(tcfg.param_dtype)  # and a bad train.param_dtype
     dist = Distributed.start(cfg, args, device)  # a bad layout fails here too, before any process group
     clean = False
     try:
