@@ -24,7 +24,7 @@ LAYOUTS = ("herd", "hf", "meta")
 _MARKERS = {"herd": "herd.json", "hf": "config.json", "meta": "params.json"}  # checked in this order
 MAX_SHARD_SIZE = 5_000_000_000
 
-__all__ = ["LAYOUTS", "detect", "load", "save", "convert", "info", "resolve"]
+__all__ = ["LAYOUTS", "detect", "load", "save", "convert", "info", "resolve", "quantize_checkpoint"]
 
 
 def _module(layout: str):
@@ -96,6 +96,8 @@ def load(path: str | os.PathLike, device=None, dtype=None, *, tokenizer: bool = 
     ``dtype`` (a torch dtype or "float32"/"bfloat16"/"float16") defaults to the checkpoint's;
     ``device`` to the CPU. ``tokenizer=False`` skips reading the tokenizer files. ``verify`` checks
     the files against checksums.json (required in the herd layout, used in the others when present).
+    A quantised herd checkpoint (``quantize_checkpoint``) loads with its int8 / int4 linear layers
+    (``llamaherd.model.quant``), built for ``device``; ``dtype`` is then the dtype it runs in.
     """
     path = resolve(path)
     layout = detect(path)  # before importing torch: a wrong path is reported at once
@@ -103,13 +105,15 @@ def load(path: str | os.PathLike, device=None, dtype=None, *, tokenizer: bool = 
     import torch
     from torch import nn
 
-    from llamaherd.checkpoint.native import CHECKSUMS, parse_dtype, verify_checksums
+    from llamaherd.checkpoint.native import CHECKSUMS, parse_dtype, read_quantization, verify_checksums
+    from llamaherd.model import quant
     from llamaherd.model.transformer import Transformer
 
     mod = _module(layout)
     if verify and (layout == "herd" or (path / CHECKSUMS).is_file()):
         verify_checksums(path)
     args = mod.read_args(path)
+    qcfg = read_quantization(path) if layout == "herd" else None
     dtype = parse_dtype(dtype)
     device = torch.device(device or "cpu")
     tok = _read_tokenizer(path, layout, args.vocab_size) if tokenizer else None
@@ -117,10 +121,17 @@ def load(path: str | os.PathLike, device=None, dtype=None, *, tokenizer: bool = 
     with torch.device("meta"):
         model = Transformer(args)
     expected = {name: p.shape for name, p in model.named_parameters()}  # a tied weight once, as embeddings
+    plain: dict[str, torch.Tensor] = {}  # a quantised checkpoint's quantised tensors, made into modules below
+    plain_shapes = quant.plain_shapes(model, qcfg) if qcfg is not None else {}
+    if qcfg is not None:
+        for name in quant.linear_names(model, qcfg):
+            expected.pop(f"{name}.weight", None)
+        expected |= {name: torch.Size(shape) for name, shape in plain_shapes.items()}
+    tied_head = args.tie_embeddings and not (qcfg is not None and qcfg.head)
     seen: set[str] = set()
     tied_output = None  # (tensor, where): Meta's files, and some Hugging Face ones, hold the tied head too
     for name, t, where in mod.read_tensors(path, args):
-        if name == "output.weight" and args.tie_embeddings:
+        if name == "output.weight" and tied_head:
             tied_output = (t, where)
             continue
         if name not in expected:
@@ -132,15 +143,23 @@ def load(path: str | os.PathLike, device=None, dtype=None, *, tokenizer: bool = 
         if dtype is None and t.is_floating_point():
             dtype = t.dtype
         owner, _, attr = name.rpartition(".")
-        t = t.to(device=device, dtype=dtype)
-        setattr(model.get_submodule(owner), attr, nn.Parameter(t, requires_grad=t.is_floating_point()))
+        t = t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+        if name in plain_shapes:
+            plain[name] = t
+        else:
+            setattr(model.get_submodule(owner), attr, nn.Parameter(t, requires_grad=t.is_floating_point()))
         seen.add(name)
     missing = [name for name in expected if name not in seen]
     if missing:
         name = missing[0]
         raise HerdError(f"{mod.weights_label(path)}: tensor {mod.file_name(name)} is missing "
                         f"(expected shape {list(expected[name])}; {len(missing)} missing in all)")
-    if args.tie_embeddings:
+    if qcfg is not None:
+        try:
+            quant.install(model, plain, qcfg)
+        except HerdError as e:
+            raise HerdError(f"{mod.weights_label(path)}: {e}") from None
+    if tied_head:
         emb = model.tok_embeddings.weight
         if tied_output is not None:
             t, where = tied_output
@@ -175,9 +194,14 @@ def save(model, path: str | os.PathLike, layout: str = "herd", tokenizer=None, d
     ``max_shard_size`` (bytes) splits the Hugging Face weights into several files.
     """
     from llamaherd.checkpoint import native
+    from llamaherd.model.quant import quantized
 
     if layout not in LAYOUTS:
         raise HerdError(f"unknown checkpoint layout {layout!r} (expected one of {', '.join(LAYOUTS)})")
+    done = quantized(model)
+    if done is not None:  # its int4 weights are in a device's packed layout: the plain form is made from floats
+        raise HerdError(f"save: the model is quantised ({done.describe()}); write a quantised checkpoint from the "
+                        "float one with quantize_checkpoint (herd quantize)")
     if shards != 1 and layout != "meta":
         raise HerdError(f"shards={shards} applies to the meta layout only (hf uses max_shard_size)")
     path = Path(path)
@@ -216,9 +240,52 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, dtype=None,
                 max_shard_size=max_shard_size, overwrite=overwrite)
 
 
+def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, scheme: str = "int8",
+                        group_size: int | None = None, head: bool | None = None, dtype="bfloat16", *,
+                        overwrite: bool = False) -> Path:
+    """Write the float checkpoint ``src`` (any layout) weight-only quantised, as the herd checkpoint ``dst``.
+
+    ``scheme`` "int8" or "int4", ``group_size`` and ``head`` as ``llamaherd.model.quant.quantize`` takes them;
+    ``dtype``: the floating dtype the quantised model runs in (its scales, embeddings and norms; bfloat16,
+    which both the CPU and the CUDA kernels are fast with; None keeps the source's). herd.json says how it
+    was quantised (see ``native``); the tokenizer comes along. ``load(dst)`` then gives the model that
+    ``quantize(load(src)[0], scheme, group_size, head, dtype)`` makes in memory, tensor for tensor.
+    """
+    import torch
+
+    from llamaherd.checkpoint import native
+    from llamaherd.model import quant
+
+    cfg = quant.quant_config(scheme, group_size, head)
+    dtype = native.parse_dtype(dtype)
+    src = resolve(src)
+    layout = detect(src)
+    dst = Path(dst)
+    if dst.resolve() == src.resolve():
+        raise HerdError(f"{dst}: the destination is the source checkpoint")
+    if layout == "herd" and native.read_quantization(src) is not None:
+        raise HerdError(f"{src}: is already quantised ({native.read_quantization(src).describe()}); "
+                        "quantise its float checkpoint")
+    _check_target(dst, overwrite)
+    model, tokenizer = load(src)  # memory-mapped: each weight is read as it is quantised
+    quant.check_widths(model, cfg)
+    dtype = dtype or model.tok_embeddings.weight.dtype
+    with torch.no_grad():
+        tensors = quant.quantize_state_dict({n: p.detach() for n, p in model.named_parameters()}, cfg, dtype)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        native.write(tmp, model.args, tensors, tokenizer, dtype, quantization=cfg.to_dict())
+        native.publish(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst
+
+
 def info(path: str | os.PathLike) -> dict:
     """What a checkpoint holds, without reading its tensors (nor verifying checksums): layout, ModelArgs,
-    parameter count, dtype, tokenizer vocabulary."""
+    parameter count, dtype, tokenizer vocabulary, and the quantisation of a quantised one (else None)."""
+    from llamaherd.checkpoint.native import read_quantization
     from llamaherd.model.args import num_params
 
     path = resolve(path)
@@ -226,5 +293,7 @@ def info(path: str | os.PathLike) -> dict:
     mod = _module(layout)
     args = mod.read_args(path)
     tok = _read_tokenizer(path, layout, args.vocab_size)
+    qcfg = read_quantization(path) if layout == "herd" else None
     return {"path": str(path), "layout": layout, "model_args": args.to_dict(), "parameters": num_params(args),
-            "dtype": mod.read_dtype(path), "tokenizer_vocab": tok.n_words if tok is not None else None}
+            "dtype": mod.read_dtype(path), "tokenizer_vocab": tok.n_words if tok is not None else None,
+            "quantization": qcfg.to_dict() if qcfg is not None else None}

@@ -26,7 +26,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("info", formatter_class=fmt, help="describe a checkpoint",
                        description="Print a checkpoint's layout, model hyper-parameters, parameter count, "
-                                   "dtype and tokenizer vocabulary, without reading its weights.")
+                                   "dtype, tokenizer vocabulary and quantisation, without reading its weights.")
     p.add_argument("ckpt", metavar="CKPT", help="checkpoint directory")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_info)
@@ -81,6 +81,10 @@ def _info(args) -> int:
     print(f"layout      {d['layout']}")
     print(f"parameters  {d['parameters']:,}")
     print(f"dtype       {d['dtype']}")
+    if d.get("quantization"):
+        from llamaherd.model.quant import QuantConfig
+
+        print(f"quantized   {QuantConfig(**d['quantization']).describe()}")
     print(f"tokenizer   {d['tokenizer_vocab'] or 'none'}" + (" tokens" if d["tokenizer_vocab"] else ""))
     print("model args")
     for k, v in d["model_args"].items():

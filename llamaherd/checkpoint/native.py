@@ -6,6 +6,14 @@
     checksums.json     {file: {"bytes": n, "sha256": hex}} for every other file, verified on load
                        (written into the other layouts too, and verified there when present)
 
+A weight-only quantised checkpoint (``herd quantize``) is this layout with one more entry in herd.json,
+    "quantization": {"scheme": "int8" | "int4", "group_size": null | 32 | 64 | 128 | 256, "head": bool}
+("head": the output head is quantised too), and each quantised linear's ``NAME.weight`` in
+model.safetensors replaced by its plain quantised form (``llamaherd.model.quant``): int8 ``NAME.weight``
+[out, in] and ``NAME.scales`` [out]; int4 ``NAME.weight`` uint8 [out, in / 2] (two 4-bit codes a byte,
+the even input column high), ``NAME.scales`` and ``NAME.zeros`` [out, in / group_size]; scales and zeros
+in "dtype", the dtype the model runs in.
+
 Safetensors files are written here tensor by tensor (one converted tensor in memory at a time) and
 read with ``safe_open``, whose tensors are memory-mapped copy-on-write views of the file.
 """
@@ -212,6 +220,15 @@ def read_dtype(ckpt: Path) -> str:
     return str(read_json(ckpt / CONFIG).get("dtype"))
 
 
+def read_quantization(ckpt: Path):
+    """The ``QuantConfig`` of a quantised checkpoint (herd.json's "quantization"), or None for a float one."""
+    from llamaherd.model.quant import config_from_dict
+
+    file = ckpt / CONFIG
+    cfg = read_json(file).get("quantization")
+    return None if cfg is None else config_from_dict(cfg, str(file))
+
+
 SHARDS = "dcp"  # a sharded checkpoint's weights: torch.distributed.checkpoint's files, one or more per rank
 
 
@@ -266,11 +283,15 @@ def read_tokenizer(ckpt: Path):
     return (Tokenizer.from_file(file), file) if file.is_file() else None
 
 
-def write(out: Path, args: ModelArgs, tensors: dict[str, torch.Tensor] | None, tokenizer, dtype: torch.dtype) -> None:
+def write(out: Path, args: ModelArgs, tensors: dict[str, torch.Tensor] | None, tokenizer, dtype: torch.dtype,
+          quantization: dict | None = None) -> None:
     """Write the herd layout into ``out``; checksums.json last, covering every file in ``out``. ``tensors``
-    None: the weights are already there as shards (``SHARDS``), written by every rank."""
+    None: the weights are already there as shards (``SHARDS``), written by every rank. ``quantization``:
+    herd.json's entry for a quantised checkpoint, whose ``tensors`` are then in the quantised form."""
     sha = write_safetensors(out / WEIGHTS, tensors, dtype) if tensors is not None else None
     cfg = {"format": FORMAT, "version": VERSION, "model_args": args.to_dict(), "dtype": dtype_name(dtype)}
+    if quantization is not None:
+        cfg["quantization"] = quantization
     write_json(out / CONFIG, cfg)
     if tokenizer is not None:
         tokenizer.save(out / TOKENIZER)

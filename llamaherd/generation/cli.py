@@ -21,6 +21,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="decode through a compiled step (CUDA graphs on a GPU, an AOTInductor library on a "
                         "CPU): faster, after a first call that compiles (20-60 s)")
+    p.add_argument("--quant", default=None, choices=["int8", "int4"],
+                   help="quantise the linear layers' weights as the model loads, int8 per output channel or int4 "
+                        "per group of inputs (weight-only); it then runs in bfloat16 unless --dtype says otherwise. "
+                        "A checkpoint written by `herd quantize` loads quantised without it")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="with --quant int4: inputs per scale, 32, 64, 128 or 256 (128 when not given)")
 
 
 def register(sub) -> None:
@@ -38,6 +44,24 @@ def register(sub) -> None:
     p.add_argument("--system", default=None, help="system prompt")
     p.set_defaults(func=cmd_chat)
 
+    p = sub.add_parser("quantize", help="write a weight-only int8 / int4 quantised checkpoint", formatter_class=fmt,
+                       description="Quantise a float checkpoint's linear layers, weight-only, to int8 (one scale per "
+                                   "output channel) or int4 (a scale and a zero per group of inputs), and write it "
+                                   "as a herd checkpoint, tokenizer included, that llamaherd.load, herd generate "
+                                   "and herd chat read like any other (herd info shows the scheme).")
+    p.add_argument("checkpoint", metavar="CKPT", help="float checkpoint directory (any layout, or a run dir)")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--quant", required=True, choices=["int8", "int4"], default=argparse.SUPPRESS,
+                   help="int8: per output channel; int4: per group of --group-size inputs")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="int4 only: inputs per scale, 32, 64, 128 or 256 (128 when not given)")
+    p.add_argument("--head", action=argparse.BooleanOptionalAction, default=None,
+                   help="quantise the output head too (when not given: yes for int8, no for int4)")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                   help="floating dtype the quantised model runs in: its scales, embeddings and norms")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it already holds a checkpoint")
+    p.set_defaults(func=cmd_quantize)
+
 
 def _load(args):
     import torch
@@ -47,13 +71,34 @@ def _load(args):
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else None)
-    model, tokenizer = load(args.checkpoint, device=device, dtype=dtype)
+    quant, group = getattr(args, "quant", None), getattr(args, "group_size", None)
+    if group is not None and quant != "int4":
+        raise HerdError(f"--group-size {group} applies to --quant int4 only")
+    # the int8 / int4 kernels are fast with bfloat16 activations, on a CPU too (float32 ones are slower than
+    # float32 weights there); on a CPU the float weights load as they are, and are quantised from them
+    quant_dtype = dtype or torch.bfloat16
+    on_cpu = torch.device(device).type == "cpu"
+    model, tokenizer = load(args.checkpoint, device=device, dtype=None if quant and on_cpu else dtype)
     if tokenizer is None:
         raise HerdError(f"{args.checkpoint}: has no tokenizer files; text generation needs one")
+    if quant:
+        _quantize(model, args, quant_dtype)
     prepare_for_decoding(model)
     if args.compile:  # the first reply waits for the compiler: say so rather than look hung
         print("compiling the decode step for the first reply (tens of seconds)...", file=sys.stderr, flush=True)
     return model, tokenizer
+
+
+def _quantize(model, args, dtype) -> None:
+    """``--quant``: quantise the model as it loads; a checkpoint quantised so already is used as it is."""
+    from llamaherd.model.quant import quantize, quantized
+
+    have = quantized(model)
+    if have is None:
+        quantize(model, args.quant, args.group_size, dtype=dtype)
+    elif have.scheme != args.quant or args.group_size not in (None, have.group_size):
+        raise HerdError(f"{args.checkpoint}: is already quantised ({have.describe()}); drop --quant, or load the "
+                        "float checkpoint to quantise it otherwise")
 
 
 class _Printer:
@@ -131,4 +176,14 @@ def cmd_chat(args) -> int:
         printer = _Printer(tokenizer, tokenizer.stop_tokens)
         generate(model, [ids], stop_tokens=tokenizer.stop_tokens, on_token=printer, **_sampling(args))
         dialog.append({"role": "assistant", "content": printer.finish()})
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from llamaherd.checkpoint import quantize_checkpoint
+    from llamaherd.checkpoint.native import read_quantization
+
+    out = quantize_checkpoint(args.checkpoint, args.out, args.quant, args.group_size, args.head, args.dtype,
+                              overwrite=args.overwrite)
+    print(f"wrote {out}: {read_quantization(out).describe()}, {args.dtype}")
     return 0
