@@ -35,6 +35,10 @@ def register(sub) -> None:
                        description="Complete a text prompt with a model and print the completion as it is generated.")
     _add_common(p)
     p.add_argument("--prompt", required=True, help="text to complete ('-' reads standard input)")
+    p.add_argument("--draft", default=None, metavar="CKPT",
+                   help="speculative decoding: a smaller model with the same tokenizer proposes tokens that this "
+                        "model checks several at a time (greedy output unchanged; sampled output distributed the same)")
+    p.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens the draft proposes a round")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat", formatter_class=fmt,
@@ -139,9 +143,25 @@ def cmd_generate(args) -> int:
     model, tokenizer = _load(args)
     ids = tokenizer.encode(prompt, bos=True, eos=False)
     printer = _Printer(tokenizer, tokenizer.stop_tokens)
-    generate(model, [ids], stop_tokens=tokenizer.stop_tokens, on_token=printer, **_sampling(args))
+    draft, stats = _load_draft(args, model), {}
+    generate(model, [ids], stop_tokens=tokenizer.stop_tokens, on_token=printer, draft_model=draft,
+             draft_tokens=args.draft_tokens, stats=stats, **_sampling(args))
     printer.finish()
+    if draft is not None and stats.get("acceptance") is not None:
+        print(f"draft: {stats['accepted']} of {stats['proposed']} proposed tokens accepted "
+              f"({stats['acceptance']:.0%}) in {stats['rounds']} rounds", file=sys.stderr)
     return 0
+
+
+def _load_draft(args, model):
+    """``--draft``: the draft model on the target's device and in its dtype."""
+    if args.draft is None:
+        return None
+    from llamaherd.checkpoint import load
+
+    w = model.tok_embeddings.weight
+    draft, _ = load(args.draft, device=w.device, dtype=w.dtype if w.is_floating_point() else None, tokenizer=False)
+    return draft.eval()
 
 
 def cmd_chat(args) -> int:

@@ -14,6 +14,7 @@ import torch
 
 from llamaherd.errors import HerdError
 from llamaherd.generation.compiled import cache_length, decode_cache, decode_step
+from llamaherd.generation.speculative import check_draft, distribution, speculative_row
 from llamaherd.model.masks import causal_mask
 
 _CHECK_EVERY = 8  # decode steps between checks for the end when no token is streamed
@@ -24,16 +25,7 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, t
     """Next token per row from logits [B, vocab]: argmax at temperature 0, else a filtered sample."""
     if temperature <= 0.0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        cumulative = sorted_probs.cumsum(dim=-1)
-        sorted_probs = sorted_probs.masked_fill(cumulative - sorted_probs > top_p, 0.0)  # keep the nucleus
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    probs = distribution(logits, temperature, top_p, top_k, normalize=False)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -83,6 +75,9 @@ def generate(
     stop_tokens: Sequence[int] | None = None,
     on_token: Callable[[int, int], bool | None] | None = None,
     compile: bool = False,
+    draft_model=None,
+    draft_tokens: int = 4,
+    stats: dict | None = None,
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids); return the new token ids per prompt.
 
@@ -93,6 +88,12 @@ def generate(
     CPU (the first call compiles; see ``llamaherd.generation.compiled``); the KV cache then stays
     allocated between calls (``clear_cache(model)`` frees it). The model is not changed; on a CPU,
     ``prepare_for_decoding(model)`` first makes decoding faster.
+
+    ``draft_model`` (a smaller model with the same vocabulary) decodes speculatively: it proposes
+    ``draft_tokens`` tokens a round and ``model`` checks them in one forward (``speculative.py``). Greedy
+    output is the same as without it; sampled output has the same distribution. Rows are then decoded one
+    after another; ``stats``, when given, receives ``proposed``, ``accepted``, ``rounds`` and
+    ``acceptance`` (accepted / proposed).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise HerdError("generate: every prompt needs at least one token")
@@ -110,6 +111,9 @@ def generate(
     if any(t < 0 or t >= vocab for p in prompts for t in p):
         raise HerdError(f"generate: prompt token ids must be in [0, {vocab})")
 
+    if draft_model is not None:
+        return _speculative(model, draft_model, prompts, max_new_tokens, temperature, top_p, top_k, seed,
+                            stop_tokens, on_token, compile, draft_tokens, stats)
     device = model.tok_embeddings.weight.device
     batch, total_len = len(prompts), min(max_seq_len, longest + max_new_tokens)
     tokens = torch.zeros(batch, total_len, dtype=torch.long, device=device)
@@ -152,3 +156,27 @@ def generate(
             break
         logits = decode(nxt[:, None].clone(), positions[cur : cur + 1], cur + 1)
     return [_until_stop(tokens[i, window[i]].tolist()[: cut[i]], stop_set) for i in range(batch)]
+
+
+def _speculative(model, draft, prompts, max_new_tokens, temperature, top_p, top_k, seed, stop_tokens, on_token,
+                 compile, draft_tokens, stats) -> list[list[int]]:
+    """``generate`` with a draft model: each row on its own, see ``speculative.py``."""
+    check_draft(model, draft)
+    if compile:
+        raise HerdError("generate: compile with a draft model is not supported; expected compile=False")
+    if draft_tokens < 1:
+        raise HerdError(f"generate: draft_tokens {draft_tokens}: expected 1 or more tokens a round")
+    if any(t >= draft.args.max_seq_len for t in map(len, prompts)):
+        raise HerdError(f"generate: a prompt does not fit the draft model's context of {draft.args.max_seq_len} tokens")
+    device = model.tok_embeddings.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    counts = {"proposed": 0, "accepted": 0, "rounds": 0}
+    out = []
+    for row, prompt in enumerate(prompts):
+        hook = None if on_token is None else (lambda tok, row=row: on_token(row, tok))
+        out.append(speculative_row(model, draft, list(prompt), max_new_tokens, k=draft_tokens,
+                                   temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
+                                   stops=set(stop_tokens or []), on_token=hook, stats=counts))
+    if stats is not None:
+        stats.update(counts, acceptance=counts["accepted"] / counts["proposed"] if counts["proposed"] else None)
+    return out
