@@ -44,7 +44,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 before = rss()
 model = build_model(args, cfg, torch.device("cpu"))
 opt = make_optimizer(model, cfg.train)
-loss = NextTokenLoss()
+loss = NextTokenLoss(chunk_size=cfg.train.loss_chunk)
 tracker = MemTracker()
 tracker.track_external(model, opt)
 with tracker:
@@ -62,10 +62,11 @@ print(json.dumps({"measured_gib": parts.pop("total"), "measured": parts, "rss_gi
 """
 
 
-def measure(dim: int, layers: int, batch: int, seq: int, vocab: int = 4096) -> dict:
+def measure(dim: int, layers: int, batch: int, seq: int, vocab: int = 4096, extra=()) -> dict:
+    """Measured and predicted peak of two training steps; ``extra``: more overrides (e.g. train.loss_chunk=256)."""
     overrides = [f"model.dim={dim}", f"model.n_layers={layers}", "model.n_heads=8", "model.n_kv_heads=2",
                  "model.multiple_of=64", f"model.vocab_size={vocab}", f"train.batch_size={batch}",
-                 f"train.seq_len={seq}"]
+                 f"train.seq_len={seq}", *extra]
     proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(overrides)], capture_output=True, text=True,
                           timeout=600)
     if proc.returncode:

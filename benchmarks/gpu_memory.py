@@ -24,6 +24,7 @@ from llamaherd.data.loader import Batch
 from llamaherd.model import num_params
 from llamaherd.train.losses import NextTokenLoss
 from llamaherd.train.parallel import build_model, clip_grad_norm
+from llamaherd.train.plan import run_memory
 from llamaherd.train.trainer import make_optimizer
 
 GIB = 2**30
@@ -76,12 +77,15 @@ def main() -> None:
         times.append(time.perf_counter() - t)
     n = num_params(args)
     peak = torch.cuda.max_memory_allocated() / GIB if cuda else None
+    predicted = run_memory(cfg, args, "bf16" if cuda else "fp32")["total"]  # herd plan's memory model
     row = {"preset": a.preset, "params": n, "seq_len": a.seq_len, "steps": a.steps, "losses": losses,
-           "step_s": times, "build_s": build_s, "peak_gib": peak, "states_gib": 8 * n / GIB,
+           "step_s": times, "build_s": build_s, "peak_gib": peak, "plan_gib": predicted, "states_gib": 8 * n / GIB,
            "fits_80gb": None if peak is None else peak < 80 * 0.98}
-    print(fmt_table(["preset", "params", "seq", "weights+grads+states GiB", "peak GiB", "fits 80 GB", "s/step"],
+    print(fmt_table(["preset", "params", "seq", "weights+grads+states GiB", "peak GiB", "plan GiB", "fits 80 GB",
+                     "s/step"],
                     [[a.preset, f"{n / 1e9:.2f}B", a.seq_len, f"{row['states_gib']:.1f}",
-                      "-" if peak is None else f"{peak:.1f}", "-" if peak is None else str(row["fits_80gb"]),
+                      "-" if peak is None else f"{peak:.1f}", f"{predicted:.1f}",
+                      "-" if peak is None else str(row["fits_80gb"]),
                       f"{min(times):.2f}"]]))
     write_json(a.out, {"machine": machine(), "settings": vars(a), "results": row})
 

@@ -61,6 +61,19 @@ def test_the_memory_model_is_within_20_percent_of_a_measured_run():
     assert 0.8 <= result["ratio"] <= 1.2, result
 
 
+def test_the_memory_model_follows_the_chunked_loss_and_bf16_weights():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from cpu_plan_memory import measure
+    finally:
+        sys.path.pop(0)
+    # a 16K vocabulary, so that the logits weigh: train.loss_chunk keeps 256 of the 2,048 tokens' logits
+    lean = measure(dim=512, layers=4, batch=8, seq=256, vocab=16384,
+                   extra=["train.loss_chunk=256", "train.param_dtype=bfloat16"])
+    assert 0.8 <= lean["ratio"] <= 1.2, lean
+    assert lean["predicted"]["logits"] < 0.1 and lean["predicted"]["working_weights"] == 0
+
+
 def test_bad_input_is_one_line(capsys):
     for argv, message in [
         (["--model", "llama9", "--gpus", "8"], "--model 'llama9': expected one of"),

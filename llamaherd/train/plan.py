@@ -120,9 +120,11 @@ def _divisors_pow2(n: int, limit: int) -> list[int]:
 
 
 def cost(c: Candidate, args, hw: dict, seq: int, global_tokens: int, flops_tok: float, a: dict = ASSUMPTIONS,
-         kernels: str = "compiled", precision: str = "bf16"):
+         kernels: str = "compiled", precision: str = "bf16", loss_chunk: int = 0, param_dtype: str = "float32"):
     """Fill in ``c``'s memory, time and MFU. ``precision`` "bf16": bf16 compute with float32 master weights
-    (FSDP's mixed precision); "fp32": everything float32, as on a CPU. ``kernels``: see ``KERNELS``."""
+    (FSDP's mixed precision); "fp32": everything float32, as on a CPU. ``kernels``: see ``KERNELS``.
+    ``loss_chunk`` (``train.loss_chunk``): the logits held are a chunk's, not the micro-batch's;
+    ``param_dtype`` "bfloat16" (``train.param_dtype``): weights, gradients and AdamW states in bf16."""
     h, f, V = args.dim, args.hidden_dim, args.vocab_size
     kv = args.n_kv_heads * args.head_dim
     layer_params = 2 * h * h + 2 * h * kv + 3 * h * f + 2 * h  # wq, wo, wk, wv, SwiGLU, two norms
@@ -133,9 +135,10 @@ def cost(c: Candidate, args, hw: dict, seq: int, global_tokens: int, flops_tok: 
     m, mbs = c.microbatches, c.microbatch
     tokens_mb = mbs * seq
     # memory, bytes
-    element = 2 if precision == "bf16" else 4
-    states = a["optimizer_bytes"] * stage_params / c.dp
-    if element == 4 and c.dp == 1:
+    lean = param_dtype in ("bfloat16", "bf16")  # bf16 weights: bf16 activations too, whatever the autocast
+    element = 2 if precision == "bf16" or lean else 4
+    states = (8 if lean else a["optimizer_bytes"]) * stage_params / c.dp  # bf16: 2 + 2 + 2 x 2 bytes
+    if lean or (element == 4 and c.dp == 1):
         working = 0.0  # float32 alone: the parameters and gradients are the states'
     elif c.pp > 1:
         working = 4 * stage_params  # bf16 parameters and gradients of the whole stage, kept over the micro-batches
@@ -154,7 +157,12 @@ def cost(c: Candidate, args, hw: dict, seq: int, global_tokens: int, flops_tok: 
         acts = in_flight * first * tokens_mb * per_token_layer
     if kernels == "eager":  # a dense document mask per layer (FlexAttention's block mask on GPUs is small)
         acts += in_flight * first * mbs * seq * seq * 4
-    logits = tokens_mb * V / c.tp * 4 * 2 if c.pp == 1 else 0  # float32 logits and their gradient
+    if c.pp > 1:
+        logits = 0
+    elif loss_chunk:  # one chunk's logits (in the compute dtype and float32) and their gradient, a float a token
+        logits = min(tokens_mb, loss_chunk) * V / c.tp * (element + 8) + tokens_mb * 4
+    else:
+        logits = tokens_mb * V / c.tp * 4 * 2  # float32 logits and their gradient
     memory = {"model_states": states / GIB, "working_weights": working / GIB, "activations": acts / GIB,
               "logits": logits / GIB, "reserve": a["reserve_gib"]}
     c.memory = {k: round(val, 2) for k, val in memory.items()}
@@ -257,5 +265,6 @@ def run_memory(cfg, args, precision: str = "fp32") -> dict:
     c = Candidate(1, 1, 1, t.batch_size, t.grad_accum, "-", t.activation_checkpointing)
     hw = {"peak_flops": 1e12, "memory_gib": float("inf"), "nvlink_bw": 1e9, "network_bw": 1e9, "gpus_per_node": 1}
     cost(c, args, hw, t.seq_len, t.batch_size * t.seq_len * t.grad_accum, flops_per_token(args, t.seq_len),
-         {**ASSUMPTIONS, "reserve_gib": 0.0}, kernels="eager", precision=precision)
+         {**ASSUMPTIONS, "reserve_gib": 0.0}, kernels="eager", precision=precision, loss_chunk=t.loss_chunk,
+         param_dtype=t.param_dtype)
     return {**c.memory, "total": c.memory_gib}
