@@ -147,21 +147,27 @@ def cmd_generate(args) -> int:
     generate(model, [ids], stop_tokens=tokenizer.stop_tokens, on_token=printer, draft_model=draft,
              draft_tokens=args.draft_tokens, stats=stats, **_sampling(args))
     printer.finish()
-    if draft is not None and stats.get("acceptance") is not None:
-        print(f"draft: {stats['accepted']} of {stats['proposed']} proposed tokens accepted "
-              f"({stats['acceptance']:.0%}) in {stats['rounds']} rounds", file=sys.stderr)
+    if draft is not None:
+        rate = "-" if stats["acceptance"] is None else f"{stats['acceptance']:.0%}"
+        print(f"draft: {stats['accepted']} of {stats['proposed']} proposed tokens accepted ({rate}) in "
+              f"{stats['rounds']} rounds", file=sys.stderr)
     return 0
 
 
 def _load_draft(args, model):
-    """``--draft``: the draft model on the target's device and in its dtype."""
+    """``--draft``: the draft model on the target's device, in the dtype ``--dtype`` gives a float model (the draft
+    computes its own activations, so it need not share a quantised target's), weights ordered for decoding."""
     if args.draft is None:
         return None
-    from llamaherd.checkpoint import load
+    import torch
 
-    w = model.tok_embeddings.weight
-    draft, _ = load(args.draft, device=w.device, dtype=w.dtype if w.is_floating_point() else None, tokenizer=False)
-    return draft.eval()
+    from llamaherd.checkpoint import load
+    from llamaherd.generation import prepare_for_decoding
+
+    device = model.tok_embeddings.weight.device
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else None)
+    draft, _ = load(args.draft, device=device, dtype=dtype, tokenizer=False)
+    return prepare_for_decoding(draft.eval())
 
 
 def cmd_chat(args) -> int:

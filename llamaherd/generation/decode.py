@@ -166,8 +166,6 @@ def _speculative(model, draft, prompts, max_new_tokens, temperature, top_p, top_
         raise HerdError("generate: compile with a draft model is not supported; expected compile=False")
     if draft_tokens < 1:
         raise HerdError(f"generate: draft_tokens {draft_tokens}: expected 1 or more tokens a round")
-    if any(t >= draft.args.max_seq_len for t in map(len, prompts)):
-        raise HerdError(f"generate: a prompt does not fit the draft model's context of {draft.args.max_seq_len} tokens")
     device = model.tok_embeddings.weight.device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     counts = {"proposed": 0, "accepted": 0, "rounds": 0}

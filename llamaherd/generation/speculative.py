@@ -16,7 +16,13 @@ So a round costs k draft steps and one target forward over k + 1 tokens and adds
 where a forward over a few tokens costs what a forward over one does (decoding is bound by reading the
 weights), the speed-up is about the tokens a round adds. A KV cache is overwritten by position, so undoing
 refused tokens is only a matter of where the next round writes: slots past a row's length are never attended
-to (the mask is causal by position). Rows are decoded one after another, each with caches of its own.
+to (the mask is causal by position). A draft whose context is shorter than the target's stops proposing where
+its context ends, and the target goes on alone.
+
+Rows of a batch are decoded one after another, each with caches of its own: each row keeps every token its
+draft got right (a batched round would keep only the fewest any row got right, and need per-row positions and
+masks), and a row is the case speculative decoding serves, one latency-bound stream. A batch large enough to
+keep the device busy gains little from drafting anyway.
 """
 
 from __future__ import annotations
@@ -55,20 +61,23 @@ class _Cached:
 
     def __init__(self, model, length: int):
         w = model.tok_embeddings.weight
-        self.model, self.done = model, 0
+        self.model, self.done, self.length = model, 0, length
         self.cache = StaticKVCache(model.args, 1, length, w.dtype, w.device)
 
-    def feed(self, tokens: list[int]) -> torch.Tensor:
-        """Run ``tokens`` at the next positions; their logits [len(tokens), vocab]."""
+    def feed(self, tokens: list[int], last_only: bool = False) -> torch.Tensor:
+        """Run ``tokens`` at the next positions; their logits [len(tokens), vocab] (or [1, vocab], the last)."""
         device = self.model.tok_embeddings.weight.device
         positions = torch.arange(self.done, self.done + len(tokens), device=device)
         x = torch.tensor([tokens], dtype=torch.long, device=device)
-        logits = self.model(x, positions, mask=causal_mask(positions, self.done + len(tokens)), cache=self.cache)
+        # the mask spans exactly the positions written so far: stale slots of refused tokens lie past it
+        logits = self.model(x, positions, mask=causal_mask(positions, self.done + len(tokens)), cache=self.cache,
+                            last_only=last_only)
         self.done += len(tokens)
         return logits[0]
 
 
 def check_draft(model, draft) -> None:
+    """A draft's tokens are the target's token ids: the two must share the vocabulary, and sit on one device."""
     if draft.args.vocab_size != model.args.vocab_size:
         raise HerdError(f"draft model: vocabulary of {draft.args.vocab_size} tokens, the target's has "
                         f"{model.args.vocab_size}; expected a draft with the target's tokenizer")
@@ -81,18 +90,20 @@ def speculative_row(model, draft, prompt: Sequence[int], max_new_tokens: int, *,
                     top_p: float, top_k: int | None, generator: torch.Generator | None, stops: set[int],
                     on_token: Callable[[int], bool | None] | None, stats: dict) -> list[int]:
     """The new tokens of one row (see the module's docstring); ``stats`` gains proposed and accepted counts."""
-    limit = min(model.args.max_seq_len, draft.args.max_seq_len, len(prompt) + max_new_tokens)
-    target, small = _Cached(model, limit), _Cached(draft, limit)
+    limit = min(model.args.max_seq_len, len(prompt) + max_new_tokens)
+    target, small = _Cached(model, limit), _Cached(draft, min(draft.args.max_seq_len, limit))
     seq, new = list(prompt), []
-    if len(seq) > 1:  # both caches hold every token but the last, which each round starts from
-        target.feed(seq[:-1])
-        small.feed(seq[:-1])
+    if len(seq) > 1:  # the target's cache holds every token but the last, which each round starts from
+        target.feed(seq[:-1], last_only=True)
     greedy = temperature <= 0.0
     while True:
         room = min(max_new_tokens - len(new), limit - len(seq))  # tokens this row may still add
-        n_draft = max(0, min(k, room - 1))
+        # a round adds at most n_draft + 1 tokens; the draft writes up to position len(seq) + n_draft - 2, which its
+        # context must hold (a draft with a shorter context than the target's stops proposing, the target goes on)
+        n_draft = max(0, min(k, room - 1, small.length - len(seq) + 1))
         proposed, q = [], []
-        logits = small.feed(seq[small.done:])[-1]  # the tokens the draft has not seen (2 after a full round)
+        if n_draft:  # the draft first reads what it has not seen: the prompt, then the 1 or 2 tokens of a round
+            logits = small.feed(seq[small.done:], last_only=True)[-1]
         for i in range(n_draft):
             if greedy:
                 tok = int(logits.argmax())
@@ -102,7 +113,7 @@ def speculative_row(model, draft, prompt: Sequence[int], max_new_tokens: int, *,
             proposed.append(tok)
             if i + 1 < n_draft:
                 logits = small.feed([tok])[-1]
-        verify = target.feed(seq[target.done:] + proposed)[-(n_draft + 1):]  # p for positions n .. n + n_draft
+        verify = target.feed([seq[-1], *proposed])  # the target's p for positions len(seq) .. len(seq) + n_draft
         kept = []
         if greedy:
             choices = verify.argmax(dim=-1).tolist()
