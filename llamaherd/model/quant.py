@@ -238,7 +238,7 @@ def quantize_state_dict(state: Mapping[str, torch.Tensor], cfg: QuantConfig, dty
 
 # --- the modules ---------------------------------------------------------------------------------
 
-@torch.library.custom_op("llamaherd::int4_mm_cpu", mutates_args=())
+@torch.library.custom_op("herd_quant::int4_matmul", mutates_args=())
 def int4_mm_cpu(x: torch.Tensor, weight: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor) -> torch.Tensor:
     """``aten._weight_int4pack_mm_for_cpu``, as an op of our own: a step compiled ahead of time calls torch's kernel
     as it is. (Inductor's lowering of the aten op makes the group size a tensor constant of the compiled library,
