@@ -8,17 +8,20 @@
 # The steps run in the order of what the GPU-speed targets need most (training MFU, decoding, int8 decoding,
 # memory), each under its own limit and never past the whole run's: a step that would start with less than
 # 15 s left is skipped and listed. A step cut by its limit keeps what it wrote (gpu_check.py writes its JSON
-# after every check). Results: OUT_DIR/*.json and OUT_DIR/*.log, and OUT_DIR/summary.txt.
+# after every check). Results: OUT_DIR/*.json and OUT_DIR/*.log, OUT_DIR/summary.txt, and at the end
+# OUT_DIR/all.json: every step's JSON merged with its exit status and time, and the GPU-speed targets, which
+# gpu_summary.py also prints as one table (measured, goal, best peer of the same run, met).
 set -uo pipefail
+out=${1:-$(dirname "$0")/../bench-out}
+mkdir -p "$out" && out=$(cd "$out" && pwd)  # OUT_DIR as given, from where the command was run
 cd "$(dirname "$0")"
-out=${1:-../bench-out}
 py=${PYTHON:-python3}
 total=${GPU_ALL_SECONDS:-470}
-mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 status=0
 start=$SECONDS
 : > "$out/summary.txt"
+: > "$out/steps.tsv"
 step() {  # step SECONDS NAME SCRIPT ARGS...
     local want=$1 name=$2
     shift 2
@@ -26,6 +29,7 @@ step() {  # step SECONDS NAME SCRIPT ARGS...
     local limit=$((want < left ? want : left))
     if [ "$limit" -lt 15 ]; then
         echo "=== $name: skipped ($left s left of $total)" | tee -a "$out/summary.txt"
+        printf '%s\tskipped\t0\n' "$name" >> "$out/steps.tsv"
         return
     fi
     echo "=== $name (limit ${limit}s, $left s left)"
@@ -33,17 +37,23 @@ step() {  # step SECONDS NAME SCRIPT ARGS...
     timeout "$limit" "$py" "$@" --out "$out/$name.json" 2>&1 | tee "$out/$name.log"
     local rc=${PIPESTATUS[0]}
     echo "=== $name: exit status $rc after $((SECONDS - t0)) s" | tee -a "$out/summary.txt"
+    printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >> "$out/steps.tsv"
     [ "$rc" -eq 0 ] || status=1
 }
 step 60 gpu_check gpu_check.py --quick  # the CUDA-only code paths against the CPU-tested ones
-step 150 gpu_train gpu_train.py --quick  # training TFLOP/s and MFU, llama3.2-1b shape, vs HF eager and compiled
-step 80 gpu_decode gpu_decode.py --quick  # llama3-8b shape, batch 1, vs HF and the copy-bandwidth ceiling
-step 80 gpu_quant cpu_quant.py --device cuda --compile --contenders bfloat16,int8,int4 --reps 2  # weight-only
+# training TFLOP/s and MFU, llama3.2-1b shape, seq 2,048: ours causal and with document masks, vs HF eager, compiled
+step 140 gpu_train gpu_train.py --quick --doc-mask
+step 85 gpu_decode gpu_decode.py --quick --batches 64  # llama3-8b shape, batch 1 vs HF and the ceiling; batch 64
+step 55 gpu_train_8k gpu_train.py --quick --seq-len 8192 --batch 1 --ours flex --no-hf  # seq 8,192, document masks
+step 65 gpu_quant cpu_quant.py --device cuda --compile --contenders bfloat16,int8,int4 --reps 2  # weight-only
+step 45 gpu_memory gpu_memory.py --quick  # llama3-8b at 8,192 tokens on one GPU: bf16 states, AC, chunked loss
+step 50 gpu_train_float8 gpu_train.py --quick --doc-mask --ours flex-float8 --no-hf  # float8 linears (torchao)
 step 25 gpu_chunked_loss cpu_chunked_loss.py --device cuda --quick  # chunked head + cross-entropy: time, peak
 step 35 gpu_speculative cpu_speculative.py --device cuda --quick  # speculative vs plain greedy decoding
-step 45 gpu_memory gpu_memory.py --quick  # llama3-8b at 8,192 tokens on one GPU: bf16 states, AC, chunked loss
 step 35 gpu_fsdp gpu_fsdp.py --quick  # FSDP at world size 1, activation checkpointing's memory
 step 60 gpu_serve gpu_serve.py --quick --budget 50  # the server through HTTP, then vLLM if installed
 step 60 gpu_posttrain gpu_posttrain.py --quick  # LoRA vs full SFT, llama3.2-1b shape
 echo "=== all: $((SECONDS - start)) s of $total" | tee -a "$out/summary.txt"
+"$py" gpu_summary.py --dir "$out" --out "$out/all.json" | tee "$out/targets.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 exit $status

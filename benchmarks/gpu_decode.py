@@ -12,6 +12,9 @@ untimed warm-up calls and is reported apart. Decoding one token reads every weig
 weight bytes x tokens/s is the memory bandwidth a contender achieves; a large device-to-device copy
 measures what the GPU can do, and copy bandwidth / weight bytes is the ceiling in tokens/s.
 
+Then, for each of --batches (default 64), ours alone decodes that many different prompts at once
+(one generate call; tokens/s counts the new tokens of every row).
+
 Checks before timing: the weight conversion is exact (float32 logits of a 2-layer model of the same
 shape must match), and the bfloat16 models' logits and greedy tokens are compared (reported: in
 bfloat16 the two rounding orders differ, so the tokens may part after a while).
@@ -92,6 +95,7 @@ def main() -> None:
     p.add_argument("--no-compile", action="store_true", help="llamaherd eager instead of compile=True")
     p.add_argument("--no-hf", action="store_true", help="skip every Hugging Face contender")
     p.add_argument("--no-hf-static", action="store_true", help="skip HF static cache + compile")
+    p.add_argument("--batches", default="64", help="comma-separated larger batch sizes to time ours at ('' for none)")
     p.add_argument("--quick", action="store_true", help="128 new tokens and 1 timed round")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     a = p.parse_args()
@@ -194,6 +198,30 @@ def main() -> None:
     print(fmt_table(["", "tok/s (median)", "tok/s (min-max)", "effective TB/s", "of ceiling",
                      f"speed vs {base} (paired)"], rows))
     print(f"ceiling: copy bandwidth {bw / 1e12:.2f} TB/s / {wbytes / 1e9:.2f} GB of weights = {ceiling:.1f} tok/s")
+    write_json(a.out, result)  # the batch-1 numbers are kept if a larger batch is cut off or fails
+
+    result["batch_results"] = {}
+    for size in [int(b) for b in a.batches.split(",") if b.strip()]:
+        gen = torch.Generator().manual_seed(size)
+        rows_b = torch.randint(0, args.vocab_size, (size, a.prompt_len), generator=gen).tolist()
+
+        def run_batch(rows_b=rows_b):
+            return generate(ours, rows_b, max_new_tokens=n, compile=compile_ours)
+
+        try:
+            t0 = time.perf_counter()
+            got = run_batch()
+            warm = time.perf_counter() - t0
+            assert all(len(r) == n for r in got), f"batch {size}: every row must get {n} new tokens"
+            ts = interleaved({"batch": run_batch}, reps=a.reps, warmup=0)["batch"]
+        except Exception as e:  # e.g. out of memory: reported, the rest is kept
+            print(f"batch {size}: FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            result["batch_results"][str(size)] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        med = stats(ts)["median"]
+        result["batch_results"][str(size)] = {"seconds": ts, "first_call_s": warm, "tok_per_s_median": size * n / med,
+                                              "tok_per_s_per_row": n / med}
+        print(f"{ours_name}, batch {size}: {size * n / med:,.0f} tok/s ({n / med:.1f} per row; first call {warm:.1f}s)")
     if a.device.startswith("cuda"):
         result["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
     result["total_wall_s"] = time.perf_counter() - t_start

@@ -8,6 +8,7 @@ optimizer step. Contenders:
                               (llamaherd.train.parallel.parallelize) and the loss compiled;
                               --whole-graph compiles forward + loss as one graph instead
   llamaherd compiled + flex   the same on packed rows of 8 documents: FlexAttention block mask (--doc-mask)
+  llamaherd compiled + float8 the block linears in float8 through torchao, as train.float8=true (--ours)
   llamaherd eager             no compilation (--eager)
   HF eager                    LlamaForCausalLM, SDPA attention
   HF compiled                 torch.compile of the same forward + loss
@@ -93,6 +94,9 @@ def main() -> None:
     p.add_argument("--doc-mask", action="store_true", help="add llamaherd compiled on packed rows (flex block mask)")
     p.add_argument("--docs", type=int, default=8, help="documents per packed row with --doc-mask")
     p.add_argument("--eager", action="store_true", help="add llamaherd eager")
+    p.add_argument("--ours", default=None,
+                   help="exactly these of our contenders, comma-separated: compiled, flex, float8, flex-float8, eager "
+                        "(default: compiled, + flex with --doc-mask, + eager with --eager); float8 needs torchao")
     p.add_argument("--whole-graph", action="store_true",
                    help="compile llamaherd's forward + loss as one graph, as HF compiled is (default: as the trainer)")
     p.add_argument("--no-compile", action="store_true", help="skip every compiled contender")
@@ -148,37 +152,54 @@ def main() -> None:
     def hf_model():
         return build_hf(build_ours(args, seed=0, device=a.device)).train()
 
-    specs = []  # (name, build, forward(model) -> fn(x) -> logits, compiled)
-    if not a.no_compile:
-        specs.append(("llamaherd compiled", ours_model, lambda m: m, True))
-        if a.doc_mask:
-            def with_docs(m):
-                positions, mask = doc_positions(doc_ids), doc_mask(doc_ids)  # a FlexAttention BlockMask on CUDA
-                return lambda t: m(t, positions, mask=mask)
-            specs.append((f"llamaherd compiled + flex ({a.docs} docs/row)", ours_model, with_docs, True))
-    if a.eager or a.no_compile:
-        specs.append(("llamaherd eager", ours_model, lambda m: m, False))
+    def with_docs(m):
+        positions, mask = doc_positions(doc_ids), doc_mask(doc_ids)  # a FlexAttention BlockMask on CUDA
+        return lambda t: m(t, positions, mask=mask)
+
+    plain = lambda m: m  # noqa: E731
+    flex = f"flex ({a.docs} docs/row)"
+    variants = {  # --ours: name, forward, compiled, the trainer settings it runs with
+        "compiled": ("llamaherd compiled", plain, True, []),
+        "flex": (f"llamaherd compiled + {flex}", with_docs, True, []),
+        "float8": ("llamaherd compiled + float8", plain, True, ["train.float8=true"]),
+        "flex-float8": (f"llamaherd compiled + {flex} + float8", with_docs, True, ["train.float8=true"]),
+        "eager": ("llamaherd eager", plain, False, []),
+    }
+    if a.ours is not None:
+        chosen = [v.strip() for v in a.ours.split(",") if v.strip()]
+        unknown = [v for v in chosen if v not in variants]
+        if unknown:
+            raise SystemExit(f"--ours {','.join(unknown)}: expected some of {', '.join(variants)}")
+    else:
+        chosen = [] if a.no_compile else ["compiled"] + (["flex"] if a.doc_mask else [])
+        chosen += ["eager"] if a.eager or a.no_compile else []
+    specs = []  # (name, build, forward(model) -> fn(x) -> logits, compiled, trainer settings)
+    for v in chosen:
+        name, fwd, compiled, settings = variants[v]
+        specs.append((name, ours_model, fwd, compiled, settings))
     if not a.no_hf:
         hf_fwd = lambda m: (lambda t: m(input_ids=t, use_cache=False).logits)  # noqa: E731
-        specs.append(("HF eager", hf_model, hf_fwd, False))
+        specs.append(("HF eager", hf_model, hf_fwd, False, []))
         if not a.no_compile and not a.no_hf_compile:
-            specs.append(("HF compiled", hf_model, hf_fwd, True))
+            specs.append(("HF compiled", hf_model, hf_fwd, True, []))
 
     device_type, use_amp = a.device.split(":")[0], a.amp == "bfloat16"
     rows = []
-    for name, build, forward_of, compiled in specs:
+    for name, build, forward_of, compiled, settings in specs:
         print(f"{name}: ", end="", flush=True)
         model = fwd = opt = loss_of = step = None
         try:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             model = build()
+            if settings and (not compiled or a.whole_graph):  # else applied with the compilation below
+                parallelize(model, load_config(None, settings))
             fwd = forward_of(model)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
 
             if compiled and name.startswith("llamaherd") and not a.whole_graph:
                 # exactly what `herd pretrain` with train.compile=true runs: each block compiled, and the loss
-                parallelize(model, load_config(None, ["train.compile=true"]))
+                parallelize(model, load_config(None, ["train.compile=true", *settings]))
                 compiled_loss = torch.compile(cross_entropy)
 
                 def loss_of(t, target, fwd=fwd, compiled_loss=compiled_loss):
