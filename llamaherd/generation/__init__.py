@@ -9,7 +9,7 @@ to come (rejection sampling, evaluation, the server). See docs/generation.md.
 
 from llamaherd.generation.cache import StaticKVCache, grouped_decode_attention
 from llamaherd.generation.compiled import clear_cache, kept_cache
-from llamaherd.generation.decode import generate, prepare_for_decoding, sample
+from llamaherd.generation.decode import generate, load_for_decoding, prepare_for_decoding, sample
 
 __all__ = ["StaticKVCache", "clear_cache", "generate", "grouped_decode_attention", "kept_cache",
-           "prepare_for_decoding", "sample"]
+           "load_for_decoding", "prepare_for_decoding", "sample"]

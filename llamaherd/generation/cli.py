@@ -68,41 +68,16 @@ def register(sub) -> None:
 
 
 def _load(args):
-    import torch
+    from llamaherd.generation import load_for_decoding
 
-    from llamaherd.checkpoint import load
-    from llamaherd.generation import prepare_for_decoding
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else None)
-    quant, group = getattr(args, "quant", None), getattr(args, "group_size", None)
-    if group is not None and quant != "int4":
-        raise HerdError(f"--group-size {group} applies to --quant int4 only")
-    # the int8 / int4 kernels are fast with bfloat16 activations, on a CPU too (float32 ones are slower than
-    # float32 weights there); on a CPU the float weights load as they are, and are quantised from them
-    quant_dtype = dtype or torch.bfloat16
-    on_cpu = torch.device(device).type == "cpu"
-    model, tokenizer = load(args.checkpoint, device=device, dtype=None if quant and on_cpu else dtype)
+    model, tokenizer = load_for_decoding(args.checkpoint, device=args.device, dtype=args.dtype,
+                                         quant=getattr(args, "quant", None),
+                                         group_size=getattr(args, "group_size", None))
     if tokenizer is None:
         raise HerdError(f"{args.checkpoint}: has no tokenizer files; text generation needs one")
-    if quant:
-        _quantize(model, args, quant_dtype)
-    prepare_for_decoding(model)
     if args.compile:  # the first reply waits for the compiler: say so rather than look hung
         print("compiling the decode step for the first reply (tens of seconds)...", file=sys.stderr, flush=True)
     return model, tokenizer
-
-
-def _quantize(model, args, dtype) -> None:
-    """``--quant``: quantise the model as it loads; a checkpoint quantised so already is used as it is."""
-    from llamaherd.model.quant import quantize, quantized
-
-    have = quantized(model)
-    if have is None:
-        quantize(model, args.quant, args.group_size, dtype=dtype)
-    elif have.scheme != args.quant or args.group_size not in (None, have.group_size):
-        raise HerdError(f"{args.checkpoint}: is already quantised ({have.describe()}); drop --quant, or load the "
-                        "float checkpoint to quantise it otherwise")
 
 
 class _Printer:

@@ -55,6 +55,41 @@ def prepare_for_decoding(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def load_for_decoding(checkpoint, *, device=None, dtype=None, quant: str | None = None,
+                      group_size: int | None = None):
+    """(model, tokenizer) of ``checkpoint`` ready to decode, as ``herd generate``, ``herd chat`` and ``herd serve``
+    load it: on ``device`` (default: cuda when available), in ``dtype`` (a torch dtype or its name; default
+    bfloat16 on a GPU, the checkpoint's own on a CPU), with ``quant`` ("int8" / "int4", ``group_size`` for int4)
+    its linear layers' weights quantised as it loads, and its weights in the order decoding reads fastest.
+
+    A checkpoint ``herd quantize`` wrote loads quantised by itself; ``quant`` then must name its scheme. The
+    int8 / int4 kernels are fastest with bfloat16 activations, on a CPU too: a quantised model runs in
+    ``dtype`` or else bfloat16, and on a CPU its float weights load as they are and are quantised from them."""
+    from llamaherd.checkpoint import load
+    from llamaherd.model.quant import quantize, quantized
+
+    if quant is not None and quant not in ("int8", "int4"):
+        raise HerdError(f"quantisation {quant!r}: expected int8 or int4")
+    if group_size is not None and quant != "int4":
+        raise HerdError(f"--group-size {group_size} applies to --quant int4 only")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(dtype, str):
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise HerdError(f"dtype {dtype!r}: expected float32, bfloat16 or float16")
+        dtype = getattr(torch, dtype)
+    dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else None)
+    on_cpu = torch.device(device).type == "cpu"
+    model, tokenizer = load(checkpoint, device=device, dtype=None if quant and on_cpu else dtype)
+    if quant:
+        have = quantized(model)
+        if have is None:
+            quantize(model, quant, group_size, dtype=dtype or torch.bfloat16)
+        elif have.scheme != quant or group_size not in (None, have.group_size):
+            raise HerdError(f"{checkpoint}: is already quantised ({have.describe()}); drop --quant, or load the "
+                            "float checkpoint to quantise it otherwise")
+    return prepare_for_decoding(model), tokenizer
+
+
 def _until_stop(ids: list[int], stops: set[int]) -> list[int]:
     """``ids`` up to and including the first stop token."""
     for n, t in enumerate(ids):

@@ -69,11 +69,13 @@ def guardrails_for(guard: str | None, *, on=("input", "output"), code_shield: st
 
 
 def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, dtype=None, device=None,
-          name: str | None = None, api_key: str | None = None, max_prompt_tokens: int | None = None,
+          quant: str | None = None, group_size: int | None = None, name: str | None = None,
+          api_key: str | None = None, max_prompt_tokens: int | None = None,
           max_total_tokens: int | None = None, timeout: float | None = 600.0, guard: dict | None = None,
           **engine_options) -> None:
     """Serve ``checkpoint`` until SIGTERM / Ctrl-C (running requests finish first). The server listens at once
-    (``/health`` answers 503) and loads the model (and compiles it, with ``compile``) meanwhile; then 200.
+    (``/health`` answers 503) and loads the model (``generation.load_for_decoding``: ``dtype``, ``quant`` int8 / int4
+    weight-only with ``group_size``) and compiles it (with ``compile``) meanwhile; then 200.
     ``guard``: ``guardrails_for``'s keyword arguments (the guard is loaded before the server is ready)."""
     _need_serve_extra()
     import logging
@@ -81,7 +83,8 @@ def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, dtype=N
     import torch
     import uvicorn
 
-    from llamaherd.checkpoint import load, resolve
+    from llamaherd.checkpoint import resolve
+    from llamaherd.generation import load_for_decoding
     from llamaherd.serve.api import create_app
 
     path = resolve(checkpoint)
@@ -97,7 +100,8 @@ def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, dtype=N
     def load_model():
         try:
             t0 = time.perf_counter()
-            model, tokenizer = load(checkpoint, device=device, dtype=dtype)
+            model, tokenizer = load_for_decoding(checkpoint, device=device, dtype=dtype, quant=quant,
+                                                 group_size=group_size)
             if guard:
                 app.state.server.guardrails = guardrails_for(**guard, device=device)
             engine = loaded["engine"] = engine_for(model, tokenizer, **engine_options)

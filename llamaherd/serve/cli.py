@@ -29,7 +29,14 @@ def register(sub) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt accepted (400 beyond)")
     p.add_argument("--max-total-tokens", type=int, default=None, help="most prompt + generated tokens a request")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take (default 600)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="the dtype the model runs in (default: bfloat16 on a GPU, the checkpoint's on a CPU)")
+    p.add_argument("--quant", default=None, choices=["int8", "int4"],
+                   help="quantise the linear layers' weights as the model loads, int8 per output channel or int4 "
+                        "in groups (weight-only; runs in bfloat16 unless --dtype says). A checkpoint written by "
+                        "`herd quantize` is served quantised without it")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="with --quant int4: inputs per scale, 32, 64, 128 or 256 (128 when not given)")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
     p.add_argument("--name", default=None, help="the model's name in the API (default: the directory's name)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for the engine (default 1; 0: torch's)")
@@ -55,6 +62,8 @@ def cmd_serve(args) -> int:
     for name in ("max_batch", "max_queue", "kv_blocks", "block_size"):
         if getattr(args, name) < 1:
             raise HerdError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected 1 or more")
+    if args.group_size is not None and args.quant != "int4":  # before the server starts
+        raise HerdError(f"--group-size {args.group_size} applies to --quant int4 only")
     guard = None
     if args.guard or args.code_shield != "off":
         on = tuple(x.strip() for x in args.guard_on.split(",") if x.strip())
@@ -67,6 +76,6 @@ def cmd_serve(args) -> int:
     serve(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
           max_queue=args.max_queue, kv_blocks=args.kv_blocks, block_size=args.block_size,
           max_prompt_tokens=args.max_prompt_tokens, max_total_tokens=args.max_total_tokens, timeout=args.timeout,
-          dtype=args.dtype, device=args.device, name=args.name, threads=args.threads or None,
-          compile=args.compile, guard=guard)
+          dtype=args.dtype, device=args.device, quant=args.quant, group_size=args.group_size, name=args.name,
+          threads=args.threads or None, compile=args.compile, guard=guard)
     return 0
