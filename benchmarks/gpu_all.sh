@@ -47,7 +47,8 @@ step 85 gpu_decode gpu_decode.py --quick --batches 64  # llama3-8b shape, batch 
 step 55 gpu_train_8k gpu_train.py --quick --seq-len 8192 --batch 1 --ours flex --no-hf  # seq 8,192, document masks
 step 65 gpu_quant cpu_quant.py --device cuda --compile --contenders bfloat16,int8,int4 --reps 2  # weight-only
 step 45 gpu_memory gpu_memory.py --quick  # llama3-8b at 8,192 tokens on one GPU: bf16 states, AC, chunked loss
-step 50 gpu_train_float8 gpu_train.py --quick --doc-mask --ours flex-float8 --no-hf  # float8 linears (torchao)
+# float8 linears (torchao), then selective activation checkpointing: what each costs or gains at seq 2,048
+step 70 gpu_train_variants gpu_train.py --quick --doc-mask --ours flex-float8,flex-ac-op --no-hf
 step 25 gpu_chunked_loss cpu_chunked_loss.py --device cuda --quick  # chunked head + cross-entropy: time, peak
 step 35 gpu_speculative cpu_speculative.py --device cuda --quick  # speculative vs plain greedy decoding
 step 35 gpu_fsdp gpu_fsdp.py --quick  # FSDP at world size 1, activation checkpointing's memory

@@ -9,6 +9,7 @@ optimizer step. Contenders:
                               --whole-graph compiles forward + loss as one graph instead
   llamaherd compiled + flex   the same on packed rows of 8 documents: FlexAttention block mask (--doc-mask)
   llamaherd compiled + float8 the block linears in float8 through torchao, as train.float8=true (--ours)
+  ... + full / selective AC   activation checkpointing of each block, or of the cheap ops only (--ours)
   llamaherd eager             no compilation (--eager)
   HF eager                    LlamaForCausalLM, SDPA attention
   HF compiled                 torch.compile of the same forward + loss
@@ -95,8 +96,10 @@ def main() -> None:
     p.add_argument("--docs", type=int, default=8, help="documents per packed row with --doc-mask")
     p.add_argument("--eager", action="store_true", help="add llamaherd eager")
     p.add_argument("--ours", default=None,
-                   help="exactly these of our contenders, comma-separated: compiled, flex, float8, flex-float8, eager "
-                        "(default: compiled, + flex with --doc-mask, + eager with --eager); float8 needs torchao")
+                   help="exactly these of our contenders, comma-separated: compiled, flex, float8, flex-float8, "
+                        "flex-ac (activation checkpointing, each block), flex-ac-op (selective: matmul outputs "
+                        "kept), eager (default: compiled, + flex with --doc-mask, + eager with --eager); "
+                        "float8 needs torchao")
     p.add_argument("--whole-graph", action="store_true",
                    help="compile llamaherd's forward + loss as one graph, as HF compiled is (default: as the trainer)")
     p.add_argument("--no-compile", action="store_true", help="skip every compiled contender")
@@ -163,6 +166,9 @@ def main() -> None:
         "flex": (f"llamaherd compiled + {flex}", with_docs, True, []),
         "float8": ("llamaherd compiled + float8", plain, True, ["train.float8=true"]),
         "flex-float8": (f"llamaherd compiled + {flex} + float8", with_docs, True, ["train.float8=true"]),
+        "flex-ac": (f"llamaherd compiled + {flex} + full AC", with_docs, True, ["train.activation_checkpointing=true"]),
+        "flex-ac-op": (f"llamaherd compiled + {flex} + selective AC", with_docs, True,
+                       ["train.activation_checkpointing=true", "train.ac_policy=op"]),
         "eager": ("llamaherd eager", plain, False, []),
     }
     if a.ours is not None:
