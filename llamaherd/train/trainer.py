@@ -277,9 +277,14 @@ class Trainer:
             mine, extra = self._forward_backward(batches, factor)
             if rcfg.recompute_every and self.step % rcfg.recompute_every == 0:
                 self._recompute(batches, factor, mine, positions)
-            loss_sum = float(dist.all_reduce(mine.clone(), "dp"))
+            total = dist.all_reduce(mine.clone(), "dp")
             norm = grad_norm(self.model, dist)
-            self.watch.check(self.step, loss_sum, float(norm), positions)
+            reduced = [dist.all_reduce(value, "dp") for value in extra.values()]
+            # the step's one host sync, before the update (the checks must see the loss and the norm): the
+            # optimizer's kernels are then queued without waiting, and run while the host fetches the next batch
+            loss_sum, norm_value, *metric_values = torch.stack(
+                [t.detach().double().reshape(()) for t in (total, norm, *reduced)]).tolist()
+            self.watch.check(self.step, loss_sum, norm_value, positions)
         except Anomaly:
             self.optimizer.zero_grad(set_to_none=True)
             raise
@@ -288,8 +293,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.watch.accept(loss_sum)
         self.faults.maybe_corrupt(self.model, self.step)
-        return {"step": self.step, "loss": loss_sum, "grad_norm": float(norm), "lr": lr,
-                **{name: float(dist.all_reduce(value, "dp")) for name, value in extra.items()}}
+        return {"step": self.step, "loss": loss_sum, "grad_norm": norm_value, "lr": lr,
+                **dict(zip(extra, metric_values, strict=True))}
 
     def _forward_backward(self, batches: list, factor: float = 1.0) -> tuple[torch.Tensor, dict]:
         """Forward and backward of the step's micro-batches, gradients accumulated; (this rank's share of the
