@@ -6,6 +6,8 @@
    the loss falls, MFU is reported, and a resumed run continues exactly (same losses as one run).
 4. Attention at 8,192 tokens, forward + backward: our FlexAttention document mask (8 documents)
    against causal SDPA, timed, and checked against the dense mask.
+5. Host syncs of the Trainer's step (compiled blocks, document masks, bf16 autocast, fused AdamW), counted
+   by torch.cuda.set_sync_debug_mode: at most one a step (the loss and gradient norm the checks read).
 
     python benchmarks/gpu_check.py --out bench-out/gpu_check.json     # about 2-3 minutes on one H100
     python benchmarks/gpu_check.py --device cpu --quick              # smoke test of the script itself
@@ -159,6 +161,47 @@ def check_pretrain(device: str, quick: bool) -> dict:
     }
 
 
+def check_host_syncs(device: str, quick: bool) -> dict:
+    import warnings
+
+    from llamaherd.config import load_config, model_args
+    from llamaherd.data.loader import Batch
+    from llamaherd.train.losses import NextTokenLoss
+    from llamaherd.train.parallel import build_model
+    from llamaherd.train.trainer import Trainer
+
+    if not device.startswith("cuda"):
+        return {"ok": True, "skipped": "sync debug mode is CUDA's"}
+    seq, steps = 1024, 3
+    cfg = load_config("tiny", [f"train.device={device}", "train.compile=true", f"train.seq_len={seq}",
+                               "train.batch_size=2", "train.log_every=1000", "train.eval_every=1000"])
+    args = model_args(cfg, vocab_size=8192)
+    model = build_model(args, cfg, torch.device(device))
+    gen = torch.Generator().manual_seed(0)
+
+    def rows():
+        while True:
+            tokens = torch.randint(0, args.vocab_size, (2, seq + 1), generator=gen)
+            doc_ids = (torch.arange(seq) * 4 // seq).to(torch.int32).expand(2, seq)
+            yield Batch(tokens[:, :-1], tokens[:, 1:], doc_ids)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(model, NextTokenLoss(), rows(), cfg, tmp, progress=False)
+        for _ in range(2):
+            trainer.train_step()  # compilation
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for _ in range(steps):
+                    trainer.train_step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
+    return {"syncs_per_step": len(syncs) / steps, "where": sorted(set(syncs))[:5], "ok": len(syncs) <= steps}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
@@ -169,7 +212,8 @@ def main() -> int:
     print_machine(machine())
     results, failed = {}, False
     for name, fn in (("flex_vs_dense", check_flex), ("compiled_decode", check_compiled_decode),
-                     ("pretrain", check_pretrain), ("attention_timing", check_attention_timing)):
+                     ("pretrain", check_pretrain), ("attention_timing", check_attention_timing),
+                     ("host_syncs", check_host_syncs)):
         start = time.perf_counter()
         try:
             results[name] = fn(a.device, a.quick)
