@@ -45,7 +45,8 @@ step 60 gpu_check gpu_check.py --quick  # the CUDA-only code paths against the C
 step 140 gpu_train gpu_train.py --quick --doc-mask
 step 85 gpu_decode gpu_decode.py --quick --batches 64  # llama3-8b shape, batch 1 vs HF and the ceiling; batch 64
 step 55 gpu_train_8k gpu_train.py --quick --seq-len 8192 --batch 1 --ours flex --no-hf  # seq 8,192, document masks
-step 65 gpu_quant cpu_quant.py --device cuda --compile --contenders bfloat16,int8,int4 --reps 2  # weight-only
+# weight-only int8 (ours, then torchao's where it installs) and int4; bf16 is gpu_decode's
+step 80 gpu_quant cpu_quant.py --device cuda --compile --contenders int8,torchao-int8,int4 --reps 2
 step 45 gpu_memory gpu_memory.py --quick  # llama3-8b at 8,192 tokens on one GPU: bf16 states, AC, chunked loss
 # float8 linears (torchao), then selective activation checkpointing: what each costs or gains at seq 2,048
 step 70 gpu_train_variants gpu_train.py --quick --doc-mask --ours flex-float8,flex-ac-op --no-hf

@@ -87,8 +87,10 @@ def targets(steps: dict) -> list[dict]:
     res = decode.get("results") or {}
     add("decode 8B bf16, batch 1", _pick(res, "llamaherd", "tok_per_s_median"),
         DECODE_BF16 * scale if scale else None, "tok/s", _best_peer(res, "tok_per_s_median"), note)
-    add("decode 8B int8, batch 1", _pick(_results(steps, "gpu_quant"), "int8", "tok_per_s_median"),
-        DECODE_INT8 * scale if scale else None, "tok/s", None, note)
+    quant = _results(steps, "gpu_quant")
+    peer = _pick(quant, "torchao-int8", "tok_per_s_median")
+    add("decode 8B int8, batch 1", _pick(quant, "int8", "tok_per_s_median"), DECODE_INT8 * scale if scale else None,
+        "tok/s", None if peer is None else ("torchao-int8", peer), note)
     batch = (decode.get("batch_results") or {}).get("64") or {}
     add("decode 8B bf16, batch 64", batch.get("tok_per_s_median"), None, "tok/s", None, "report only")
     mem = ((steps.get("gpu_memory") or {}).get("result") or {}).get("results") or {}

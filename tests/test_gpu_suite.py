@@ -96,7 +96,7 @@ def test_the_table_judges_every_target_from_the_steps_json(tmp_path):
                                                                   "HF eager": {"tok_per_s_median": 24.0},
                                                                   "HF static + compile": {"tok_per_s_median": 150.0}},
                           "batch_results": {"64": {"tok_per_s_median": 6400.0}}},
-        "cpu_quant.py": {"results": {"bfloat16": {"tok_per_s_median": 229.0}, "int8": {"tok_per_s_median": 390.0}}},
+        "cpu_quant.py": {"results": {"int8": {"tok_per_s_median": 390.0}, "torchao-int8": {"tok_per_s_median": 350.0}}},
         "gpu_memory.py": {"results": {"peak_gib": 70.5, "plan_gib": 72.1}},
     }
     shim = tmp_path / "python"
@@ -129,6 +129,8 @@ out.write_text(json.dumps(data))
     assert decode["peer"] == "HF static + compile"
     assert got["decode 8B int8, batch 1"]["goal"] == pytest.approx(300 * 250 / 186)
     assert got["decode 8B int8, batch 1"]["met"] is False  # 390 < 403
+    int8 = got["decode 8B int8, batch 1"]
+    assert (int8["peer"], int8["peer_value"]) == ("torchao-int8", 350)
     assert got["decode 8B bf16, batch 64"]["measured"] == 6400.0 and got["decode 8B bf16, batch 64"]["goal"] is None
     assert got["train 8B, seq 8,192, one 80 GB GPU: peak"]["met"] is True
     table = proc.stdout[proc.stdout.index("| target"):]
