@@ -72,6 +72,11 @@ class TrainConfig:
     # e.g. 1024: each chunk then holds 1024 x vocab logits (0.8 GB in bf16 + float32 at 128K); 0: the plain loss
     loss_chunk: int = 0
     activation_checkpointing: bool = False
+    # with activation_checkpointing: "full" (each block recomputed whole), "op" (the matmuls' and attention's
+    # outputs kept, the cheap operations recomputed) or "N" (every N-th block fully checkpointed, the rest not)
+    ac_policy: str = "full"
+    # the transformer blocks' linear layers in float8 (torchao, dynamic tensorwise scaling; needs torchao and tp=1)
+    float8: bool = False
     # the dtype the weights, their gradients and AdamW's states are kept in: float32, or bfloat16 (memory-lean:
     # 8 bytes a parameter instead of 16, without float32 master weights; one process, no FSDP)
     param_dtype: str = "float32"

@@ -10,7 +10,7 @@ import pytest
 
 from llamaherd.cli import main
 from llamaherd.errors import HerdError
-from llamaherd.train.plan import parse_tokens, plan, stage_layers
+from llamaherd.train.plan import HARDWARE, Candidate, cost, parse_tokens, plan, run_memory, stage_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,3 +93,42 @@ def test_bad_input_is_one_line(capsys):
 def test_plan_command_runs_as_a_program():
     proc = subprocess.run([sys.executable, "-m", "llamaherd", "plan", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--global-batch-tokens" in proc.stdout
+
+
+def test_the_memory_model_orders_the_checkpointing_policies():
+    from llamaherd.config import load_config
+    from llamaherd.model.args import preset
+
+    args = preset("llama3-8b")
+    run = ["train.batch_size=1", "train.seq_len=8192", "train.grad_accum=1"]
+    memory = {}
+    for name, extra in [("none", []), ("full", ["train.activation_checkpointing=true"]),
+                        ("op", ["train.activation_checkpointing=true", "train.ac_policy=op"]),
+                        ("every 2", ["train.activation_checkpointing=true", "train.ac_policy=2"])]:
+        memory[name] = run_memory(load_config("tiny", run + extra), args, precision="bf16")
+    acts = {name: m["activations"] for name, m in memory.items()}
+    assert acts["none"] > acts["op"] > acts["full"] and acts["none"] > acts["every 2"] > acts["full"], acts
+    # only the activations differ, by the policies' elements per token per layer (bf16: 2 bytes each): none
+    # 6h + 2kv + 3f, op 5h + 2kv + 2f, full h; and every checkpointing policy holds one layer in full besides
+    assert all(m["model_states"] == memory["none"]["model_states"] for m in memory.values())
+    h, kv, f = 4096, 1024, 14336
+    gib = 8192 * 2 / 2**30  # per element per token
+    one_layer = gib * (6 * h + 2 * kv + 3 * f)
+    assert acts["none"] - acts["op"] == pytest.approx(32 * gib * (h + f) - one_layer, abs=0.02)
+    assert acts["none"] - acts["full"] == pytest.approx(32 * gib * (5 * h + 2 * kv + 3 * f) - one_layer, abs=0.02)
+    assert acts["every 2"] == pytest.approx((acts["none"] + acts["full"] + one_layer) / 2, abs=0.02)
+
+
+def test_the_policies_recompute_what_they_checkpoint():
+    from llamaherd.model.args import flops_per_token, preset
+
+    args = preset("llama3-8b")
+    hw = HARDWARE["h100-80gb"]
+    times = {}
+    for name, ac, policy in [("none", False, "full"), ("full", True, "full"), ("op", True, "op"), ("2", True, "2")]:
+        c = cost(Candidate(1, 1, 8, 1, 1, "-", ac), args, hw, 8192, 8 * 8192, flops_per_token(args, 8192),
+                 ac_policy=policy)
+        times[name] = c.time["compute"]
+    # "op" recomputes no matmul: the compute of no checkpointing; every 2nd layer: half the extra forward of full
+    assert times["op"] == times["none"] < times["2"] < times["full"]
+    assert times["2"] - times["none"] == pytest.approx((times["full"] - times["none"]) / 2, rel=1e-3)

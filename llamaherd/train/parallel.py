@@ -2,9 +2,10 @@
 
     model = build_model(args, cfg, device, dist)   # meta device -> parallelize -> materialise -> fresh weights
 
-``parallelize`` applies, in this order: tensor parallel -> activation checkpointing -> compile -> FSDP,
-on the model while it is still on the meta device and holds no memory, as torchtitan does, so a model
-too large for one device is sharded before any weight exists. ``dist`` (``train.distributed``) says
+``parallelize`` applies, in this order: float8 linears -> tensor parallel -> activation checkpointing ->
+compile -> FSDP, on the model while it is still on the meta device and holds no memory, as torchtitan does
+(model converters such as float8 first, then the parallelisms), so a model too large for one device is
+sharded before any weight exists. ``dist`` (``train.distributed``) says
 which ranks do what: ``dist.tp_mesh`` for tensor parallelism, ``dist.dp_mesh`` for FSDP (HSDP with
 replicas). Pipeline stages are cut in ``train.pipeline``.
 
@@ -36,13 +37,96 @@ def _blocks(model) -> list:
     return list(model.layers.values() if isinstance(model.layers, torch.nn.ModuleDict) else model.layers)
 
 
-def apply_activation_checkpointing(model) -> None:
-    """Recompute each transformer block's activations in the backward pass instead of storing them.
+def apply_float8(model) -> None:
+    """Float8 training of the blocks' linear layers (wq, wk, wv, wo, w1, w2, w3) through torchao, with dynamic
+    tensorwise scaling (torchtitan's float8 converter): each matmul's inputs are cast to float8 e4m3 (the
+    gradients to e5m2) with one scale per tensor from its current absolute maximum, the weights stay in their
+    dtype. Only linears whose in and out features are both multiples of 16 are converted (``torch._scaled_mm``
+    needs it); the output head and the embedding never are. ``Float8Linear`` is an ``nn.Linear`` that keeps the
+    same ``weight`` parameter, so parameter names, the state dict and checkpoints are unchanged."""
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError:
+        raise HerdError("train.float8=true needs torchao (pip install torchao)") from None
 
+    def fits(module, fqn: str) -> bool:
+        return isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+    config = Float8LinearConfig()  # dynamic scaling, tensorwise, e4m3 forward / e5m2 gradients: torchao's default
+    for block in _blocks(model):
+        convert_to_float8_training(block, module_filter_fn=fits, config=config)
+
+
+def check_float8(cfg: RunConfig) -> None:
+    """A one-line error unless ``train.float8`` can run: torchao importable, no tensor parallel."""
+    if not cfg.train.float8:
+        return
+    if cfg.parallel.tp > 1:
+        raise HerdError(f"train.float8=true with parallel.tp {cfg.parallel.tp}: float8 tensor parallel is not wired; "
+                        "expected parallel.tp=1")
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError:
+        raise HerdError("train.float8=true needs torchao (pip install torchao)") from None
+
+
+def ac_policy(name: str) -> str | int:
+    """``train.ac_policy``: "full", "op", or every N-th block as the int N."""
+    if name in ("full", "op"):
+        return name
+    if isinstance(name, str) and name.isascii() and name.isdigit() and int(name) > 0:
+        return int(name)
+    raise HerdError(f"train.ac_policy {name!r}: expected full, op or a positive integer (every N-th block)")
+
+
+def _saved_ops() -> set:
+    """The operations whose outputs the "op" policy saves: the matmuls and attention (the FLOPs of a block)."""
+    aten = torch.ops.aten
+    names = ["mm", "addmm", "bmm", "_scaled_mm", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+             "_scaled_dot_product_flash_attention_for_cpu"]
+    ops = {getattr(aten, name).default for name in names if hasattr(aten, name)}
+    try:
+        from torch._higher_order_ops import flex_attention  # FlexAttention's operator (packed documents)
+
+        ops.add(flex_attention)
+    except ImportError:
+        pass
+    return ops
+
+
+def _save_matmuls_context():
+    """Per-operation selective checkpointing (torchtitan's "op" policy, simplified): what a matmul or an
+    attention kernel returns is kept; everything else in the block is recomputed in the backward."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    saved = _saved_ops()
+
+    def policy(ctx, func, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if func in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def apply_activation_checkpointing(model, policy: str = "full") -> None:
+    """Recompute transformer blocks' activations in the backward pass instead of storing them.
+
+    ``policy`` (``train.ac_policy``):
+      "full"  each block recomputed whole: only its input is kept.
+      "op"    per-operation selective checkpointing: each block keeps its input and the outputs of its matmuls
+              (aten.mm, addmm, bmm, _scaled_mm: wq, wk, wv, wo, w1, w3, w2) and of its attention kernel
+              (aten._scaled_dot_product_*_attention, FlexAttention: the output and its log-sum-exp);
+              the norms, RoPE, SiLU, the products, the casts and the reshapes are recomputed.
+      "N"     every N-th block (layers N-1, 2N-1, ...) fully checkpointed, the others not checkpointed.
     The blocks' forward methods are wrapped in place, so parameter names (and checkpoints) are unchanged.
     """
+    policy = ac_policy(policy)
     for block in _blocks(model):
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        if policy == "op":
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False,
+                                              context_fn=_save_matmuls_context)
+        elif policy == "full" or (block.layer_id + 1) % policy == 0:
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
 def apply_compile(model) -> None:
@@ -104,13 +188,19 @@ def apply_fsdp(model: torch.nn.Module, dp_mesh, param_dtype: torch.dtype | None 
 
 
 def parallelize(model: Transformer, cfg: RunConfig, dist=None) -> Transformer:
-    """Apply to ``model``, in place, what ``cfg`` and the layout of ``dist`` ask for: tensor parallel,
-    activation checkpointing (``train.activation_checkpointing``), compile (``train.compile``), FSDP;
-    returns it."""
+    """Apply to ``model``, in place, what ``cfg`` and the layout of ``dist`` ask for: float8 linears
+    (``train.float8``), tensor parallel, activation checkpointing (``train.activation_checkpointing`` with
+    ``train.ac_policy``), compile (``train.compile``), FSDP; returns it."""
+    ac_policy(cfg.train.ac_policy)  # a bad value fails even where checkpointing is off
+    if cfg.train.float8:
+        if dist is not None and dist.tp_mesh is not None:
+            raise HerdError("train.float8=true with tensor parallel: float8 tensor parallel is not wired; "
+                            "expected parallel.tp=1")
+        apply_float8(model)
     if dist is not None and dist.tp_mesh is not None:
         apply_tp(model, dist.tp_mesh, cfg.parallel.loss_parallel)
     if cfg.train.activation_checkpointing:
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model, cfg.train.ac_policy)
     if cfg.train.compile:
         apply_compile(model)
     if dist is not None and dist.dp_mesh is not None:

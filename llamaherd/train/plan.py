@@ -14,7 +14,10 @@ Memory per GPU, on the pipeline's first rank (it holds the most activations):
     activations    2 bytes x (6 dim + 2 kv_dim + 3 ffn_dim) per token per layer, split by tp (sequence
                    parallel included) — the layers' inputs, the norms' outputs, q/k/v, the attention output,
                    the SwiGLU's three ffn_dim-wide tensors; flash attention stores no score matrix. Full
-                   activation checkpointing keeps only each layer's input (2 x dim) and one layer in full.
+                   activation checkpointing keeps only each layer's input (2 x dim) and one layer in full;
+                   the "op" policy (``train.ac_policy``) keeps each layer's input and the outputs of its
+                   matmuls and attention (``op_saved``) and one layer in full; every N-th layer checkpointed
+                   ("N") keeps those layers' inputs, the others in full, and one layer in full.
                    In flight on the first rank: every micro-batch (GPipe), min(pp, m) (1F1B), that times
                    1 + (pp - 1) / (pp v) (interleaved 1F1B with v stages per rank)
     + the output logits in float32 where the loss is, + a fixed reserve (CUDA context, NCCL buffers)
@@ -49,6 +52,15 @@ LATENCY = {"nvlink": 3e-6, "network": 10e-6}  # seconds per step of a ring colle
 # norms' inputs and outputs, q, k, v, the attention output, and the SwiGLU's w1 and w3 outputs and product;
 # compiled blocks (torch.compile, ``train.compile``; fused kernels) recompute the norm outputs and the product
 KERNELS = {"compiled": lambda h, kv, f: 4 * h + 2 * kv + 2 * f, "eager": lambda h, kv, f: 6 * h + 2 * kv + 3 * f}
+
+
+def op_saved(h: int, kv: int, f: int) -> int:
+    """What the "op" selective checkpointing policy keeps per token per layer, in elements: the layer's input
+    (h, the checkpoint's) and what the matmuls and attention return: q (h), k and v (kv each), the attention
+    output (h), wo's output (h), w1's and w3's (f each) and w2's (h). Less than eager blocks keep without
+    checkpointing, more than compiled ones (``KERNELS``: inductor already recomputes the cheap operations)."""
+    return 5 * h + 2 * kv + 2 * f
+
 
 ASSUMPTIONS = {
     "matmul_efficiency": 0.6,  # share of peak the model's FLOPs run at (large bf16 GEMMs, attention, the rest)
@@ -120,11 +132,14 @@ def _divisors_pow2(n: int, limit: int) -> list[int]:
 
 
 def cost(c: Candidate, args, hw: dict, seq: int, global_tokens: int, flops_tok: float, a: dict = ASSUMPTIONS,
-         kernels: str = "compiled", precision: str = "bf16", loss_chunk: int = 0, param_dtype: str = "float32"):
+         kernels: str = "compiled", precision: str = "bf16", loss_chunk: int = 0, param_dtype: str = "float32",
+         ac_policy: str = "full"):
     """Fill in ``c``'s memory, time and MFU. ``precision`` "bf16": bf16 compute with float32 master weights
     (FSDP's mixed precision); "fp32": everything float32, as on a CPU. ``kernels``: see ``KERNELS``.
     ``loss_chunk`` (``train.loss_chunk``): the logits held are a chunk's, not the micro-batch's;
-    ``param_dtype`` "bfloat16" (``train.param_dtype``): weights, gradients and AdamW states in bf16."""
+    ``param_dtype`` "bfloat16" (``train.param_dtype``): weights, gradients and AdamW states in bf16;
+    ``ac_policy`` (``train.ac_policy``, with ``c.activation_checkpointing``): "full", "op" or "N" (every N-th
+    layer): what the checkpointed layers keep, and the recomputation they cost."""
     h, f, V = args.dim, args.hidden_dim, args.vocab_size
     kv = args.n_kv_heads * args.head_dim
     layer_params = 2 * h * h + 2 * h * kv + 3 * h * f + 2 * h  # wq, wo, wk, wv, SwiGLU, two norms
@@ -151,10 +166,18 @@ def cost(c: Candidate, args, hw: dict, seq: int, global_tokens: int, flops_tok: 
         in_flight = m
     else:
         in_flight = min(c.pp, m) * (1 + (c.pp - 1) / (c.pp * v) if v > 1 else 1)
-    if c.activation_checkpointing:
-        acts = in_flight * first * tokens_mb * element * h / c.tp + tokens_mb * per_token_layer
-    else:
+    # the share of the stage's layers recomputed whole in the backward (the "op" policy recomputes no matmul)
+    recomputed = 0.0
+    if not c.activation_checkpointing:
         acts = in_flight * first * tokens_mb * per_token_layer
+    elif ac_policy == "op":
+        acts = in_flight * first * tokens_mb * element * op_saved(h, kv, f) / c.tp + tokens_mb * per_token_layer
+    else:
+        every = 1 if ac_policy == "full" else int(ac_policy)
+        checkpointed = first // every  # layers every-1, 2 every-1, ... of the stage
+        recomputed = checkpointed / first
+        kept = checkpointed * element * h / c.tp + (first - checkpointed) * per_token_layer
+        acts = in_flight * tokens_mb * kept + (tokens_mb * per_token_layer if checkpointed else 0)
     if kernels == "eager":  # a dense document mask per layer (FlexAttention's block mask on GPUs is small)
         acts += in_flight * first * mbs * seq * seq * 4
     if c.pp > 1:
@@ -172,14 +195,15 @@ def cost(c: Candidate, args, hw: dict, seq: int, global_tokens: int, flops_tok: 
     gpus = c.tp * c.pp * c.dp
     ideal = global_tokens * flops_tok / (gpus * hw["peak_flops"])
     n_matmul_share = 1 - 12 * args.n_layers * h * seq / flops_tok
-    compute = ideal / a["matmul_efficiency"] * (1 + (n_matmul_share / 3 if c.activation_checkpointing else 0))
+    compute = ideal / a["matmul_efficiency"] * (1 + n_matmul_share / 3 * recomputed)
     c.bubble = (c.pp - 1) / (v * m) if c.pp > 1 else 0.0
     bubble = compute * c.bubble
     nvlink = hw["nvlink_bw"] * a["bandwidth_efficiency"]
     network = hw["network_bw"] * a["bandwidth_efficiency"]
     layers_here = args.n_layers / c.pp
     act_bytes = tokens_mb * h * 2
-    n_coll = 8 + (4 if c.activation_checkpointing else 0)
+    # a recomputed forward repeats its collectives ("op" keeps no collective's output: it repeats them all)
+    n_coll = 8 + 4 * (1 if c.activation_checkpointing and ac_policy == "op" else recomputed)
     tp_bytes = layers_here * m * n_coll * act_bytes * (c.tp - 1) / c.tp if c.tp > 1 else 0.0
     in_node = c.tp <= hw["gpus_per_node"]
     tp_link, tp_hop = (nvlink, LATENCY["nvlink"]) if in_node else (network, LATENCY["network"])
@@ -266,5 +290,5 @@ def run_memory(cfg, args, precision: str = "fp32") -> dict:
     hw = {"peak_flops": 1e12, "memory_gib": float("inf"), "nvlink_bw": 1e9, "network_bw": 1e9, "gpus_per_node": 1}
     cost(c, args, hw, t.seq_len, t.batch_size * t.seq_len * t.grad_accum, flops_per_token(args, t.seq_len),
          {**ASSUMPTIONS, "reserve_gib": 0.0}, kernels="eager", precision=precision, loss_chunk=t.loss_chunk,
-         param_dtype=t.param_dtype)
+         param_dtype=t.param_dtype, ac_policy=t.ac_policy)
     return {**c.memory, "total": c.memory_gib}

@@ -17,7 +17,7 @@ from llamaherd.config import RunConfig, dump_config, model_args
 from llamaherd.errors import HerdError
 from llamaherd.train.distributed import Distributed
 from llamaherd.train.losses import NextTokenLoss
-from llamaherd.train.parallel import build_model, param_dtype
+from llamaherd.train.parallel import ac_policy, build_model, check_float8, param_dtype
 from llamaherd.train.trainer import Trainer, TrainResult, autocast_dtype, check_writable, resolve_device
 
 
@@ -66,6 +66,8 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, cons
     device = resolve_device(tcfg.device)
     autocast_dtype(tcfg.dtype, device)  # a bad train.dtype fails before anything is built
     param_dtype(tcfg.param_dtype)  # and a bad train.param_dtype
+    ac_policy(tcfg.ac_policy)  # and a bad train.ac_policy
+    check_float8(cfg)  # and train.float8 without torchao or with tensor parallel
     dist = Distributed.start(cfg, args, device)  # a bad layout fails here too, before any process group
     clean = False
     try:
@@ -116,12 +118,15 @@ def read_result(run_dir: Path) -> TrainResult:
 
 
 def check_layout(cfg: RunConfig, world: int) -> None:
-    """A one-line error unless ``parallel.*`` can lay ``world`` processes out for this recipe's model."""
+    """A one-line error unless ``parallel.*`` can lay ``world`` processes out for this recipe's model, and unless
+    ``train.ac_policy`` and ``train.float8`` can run: before torchrun starts N processes to fail alike."""
     from llamaherd.train.distributed import plan_layout
 
     if world < 1:
         raise HerdError(f"--nproc {world}: expected 1 or more processes")
     plan_layout(cfg.parallel, world, model_args(cfg), cfg.train.batch_size, cfg.train.seq_len)
+    ac_policy(cfg.train.ac_policy)
+    check_float8(cfg)
 
 
 def launch(recipe: str | Path, overrides: list[str], out: str | Path, nproc: int, progress: bool = True) -> int:
