@@ -81,6 +81,8 @@ def test_bad_input_is_one_line(capsys):
         (["--model", "llama3-8b", "--gpus", "8", "--global-batch-tokens", "lots"], "'lots': expected a token count"),
         (["--model", "llama3-8b", "--gpus", "8", "--seq", "3000", "--global-batch-tokens", "4M"],
          "not a whole number of 3,000-token sequences"),
+        (["--model", "llama3-8b", "--gpus", "2", "--param-dtype", "bfloat16"], "bf16 states train in one process"),
+        (["--model", "llama3-8b", "--gpus", "1", "--loss-chunk", "-1"], "--loss-chunk -1: expected 0"),
     ]:
         assert main(["plan", *argv]) == 2
         err = capsys.readouterr().err
@@ -88,6 +90,26 @@ def test_bad_input_is_one_line(capsys):
     assert parse_tokens("16M") == 16 * 2**20 and parse_tokens("4096") == 4096
     with pytest.raises(HerdError):
         parse_tokens("")
+
+
+def test_herd_plan_fits_llama3_8b_at_8192_tokens_on_one_gpu_only_with_the_lean_options(capsys):
+    # the memory target as the planner sees it: float32 states (16 bytes a parameter) never fit 80 GB;
+    # bf16 states, the chunked loss and activation checkpointing do, with checkpointing chosen
+    one = dict(gpus=1, gpu="h100-80gb", seq=8192, global_batch_tokens=8192)
+    assert plan("llama3-8b", **one) == []
+    (bf16,) = plan("llama3-8b", **one, param_dtype="bfloat16")
+    (lean,) = plan("llama3-8b", **one, param_dtype="bfloat16", loss_chunk=1024)
+    assert lean.fits and lean.activation_checkpointing and lean.memory_gib < HARDWARE["h100-80gb"]["memory_gib"]
+    assert lean.memory["logits"] < 1.5 < 7.0 < bf16.memory["logits"]  # no [8192, 128K] float32 logits + gradient
+    assert lean.memory_gib < bf16.memory_gib - 6
+    # the chunk applies where training allows it: not under tensor or pipeline parallelism
+    wide = plan("llama3-8b", gpus=8, gpu="h100-80gb", seq=8192, global_batch_tokens="1M", loss_chunk=1024, top=0,
+                only_fitting=False, all_variants=True)
+    assert {c.memory["logits"] > 0 for c in wide if c.tp > 1 and c.pp == 1} == {True}
+    assert main(["plan", "--model", "llama3-8b", "--gpus", "1", "--seq", "8192", "--global-batch-tokens", "8192",
+                 "--param-dtype", "bfloat16", "--loss-chunk", "1024", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["assumptions"]["param_dtype"] == "bfloat16" and row["assumptions"]["loss_chunk"] == 1024
 
 
 def test_plan_command_runs_as_a_program():

@@ -65,6 +65,11 @@ def register(sub) -> None:
     p.add_argument("--all-variants", action="store_true", help="every micro-batching / schedule of a layout")
     p.add_argument("--kernels", default="compiled", choices=["compiled", "eager"],
                    help="what activations the kernels keep: compiled blocks (default) or eager PyTorch")
+    p.add_argument("--loss-chunk", type=int, default=0, metavar="N",
+                   help="as train.loss_chunk: a chunked head + cross-entropy, N tokens a chunk, on layouts without "
+                        "tensor or pipeline parallelism (default 0: the plain loss)")
+    p.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="as train.param_dtype: bfloat16 weights, gradients and AdamW states (one GPU only)")
     p.add_argument("--json", action="store_true", help="print a JSON list of the layouts instead of a table")
     p.set_defaults(func=cmd_plan)
 
@@ -198,9 +203,10 @@ def cmd_plan(args) -> int:
     if args.top < 0:
         raise HerdError(f"--top {args.top}: expected 0 (all) or more")
     found = plan(args.model, args.gpus, args.gpu, args.seq, args.global_batch_tokens, top=args.top,
-                 all_variants=args.all_variants, kernels=args.kernels)
+                 all_variants=args.all_variants, kernels=args.kernels, loss_chunk=args.loss_chunk,
+                 param_dtype=args.param_dtype)
     assumptions = {"hardware": {args.gpu: HARDWARE[args.gpu]}, "latency_s": LATENCY, **ASSUMPTIONS,
-                   "kernels": args.kernels}
+                   "kernels": args.kernels, "loss_chunk": args.loss_chunk, "param_dtype": args.param_dtype}
     if args.json:
         print(json.dumps([{**c.as_dict(), "assumptions": assumptions} for c in found], indent=2))
         return 0

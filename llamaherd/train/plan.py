@@ -229,8 +229,11 @@ def cost(c: Candidate, args, hw: dict, seq: int, global_tokens: int, flops_tok: 
 
 def plan(model: str, gpus: int, gpu: str, seq: int, global_batch_tokens: int | str, *, top: int = 10,
          only_fitting: bool = True, all_variants: bool = False, assumptions: dict | None = None,
-         kernels: str = "compiled") -> list[Candidate]:
-    """The candidate layouts of a run, costed and ranked by predicted step time (those that fit first)."""
+         kernels: str = "compiled", loss_chunk: int = 0, param_dtype: str = "float32") -> list[Candidate]:
+    """The candidate layouts of a run, costed and ranked by predicted step time (those that fit first).
+    ``loss_chunk`` (``train.loss_chunk``) applies to the layouts without tensor or pipeline parallelism, as in
+    training (there loss parallel and the last stage hold the logits instead); ``param_dtype`` "bfloat16"
+    (``train.param_dtype``) to one GPU only, as in training."""
     from llamaherd.model.args import PRESETS, flops_per_token, preset
 
     if gpu not in HARDWARE:
@@ -241,6 +244,13 @@ def plan(model: str, gpus: int, gpu: str, seq: int, global_batch_tokens: int | s
         raise HerdError("--gpus and --seq must be at least 1")
     if kernels not in KERNELS:
         raise HerdError(f"--kernels {kernels!r}: expected one of {', '.join(KERNELS)}")
+    if loss_chunk < 0:
+        raise HerdError(f"--loss-chunk {loss_chunk}: expected 0 (the plain loss) or tokens per chunk >= 1")
+    if param_dtype not in ("float32", "bfloat16"):
+        raise HerdError(f"--param-dtype {param_dtype!r}: expected float32 or bfloat16")
+    if param_dtype == "bfloat16" and gpus > 1:
+        raise HerdError(f"--param-dtype bfloat16 with --gpus {gpus}: bf16 states train in one process; expected "
+                        "--gpus 1 (FSDP keeps float32 master weights)")
     args = preset(model)
     hw = HARDWARE[gpu]
     a = {**ASSUMPTIONS, **(assumptions or {})}
@@ -267,7 +277,7 @@ def plan(model: str, gpus: int, gpu: str, seq: int, global_batch_tokens: int | s
                 for schedule, v in schedules:
                     for ac in (False, True):
                         c = cost(Candidate(tp, pp, dp, mbs, m, schedule, ac, v), args, hw, seq, tokens, flops_tok, a,
-                                 kernels)
+                                 kernels, loss_chunk=loss_chunk if tp == pp == 1 else 0, param_dtype=param_dtype)
                         if c.fits or not only_fitting:
                             out.append(c)
     out.sort(key=lambda c: (not c.fits, c.step_s, c.memory_gib))
