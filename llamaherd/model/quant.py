@@ -238,17 +238,26 @@ def quantize_state_dict(state: Mapping[str, torch.Tensor], cfg: QuantConfig, dty
 
 # --- the modules ---------------------------------------------------------------------------------
 
-@torch.library.custom_op("herd_quant::int4_matmul", mutates_args=())
-def int4_mm_cpu(x: torch.Tensor, weight: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+# our operator library: one op, the CPU int4 product (``torch.ops.herd_quant.int4_matmul``)
+_OPS = torch.library.Library("herd_quant", "DEF")
+_OPS.define("int4_matmul(Tensor x, Tensor weight, int group_size, Tensor scales_and_zeros) -> Tensor")
+
+
+@torch.library.impl(_OPS, "int4_matmul", "CPU")
+def _int4_matmul_cpu(x: torch.Tensor, weight: torch.Tensor, group_size: int,
+                     scales_and_zeros: torch.Tensor) -> torch.Tensor:
     """``aten._weight_int4pack_mm_for_cpu``, as an op of our own: a step compiled ahead of time calls torch's kernel
     as it is. (Inductor's lowering of the aten op makes the group size a tensor constant of the compiled library,
     which a library built to run on the model's own weights, as generation's CPU step is, is never given.)"""
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, group_size, scales_and_zeros)
 
 
-@int4_mm_cpu.register_fake
+@torch.library.register_fake(torch.ops.herd_quant.int4_matmul.default)
 def _(x, weight, group_size, scales_and_zeros):
     return x.new_empty(x.shape[0], weight.shape[0])
+
+
+int4_mm_cpu = torch.ops.herd_quant.int4_matmul
 
 
 def _reference_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
