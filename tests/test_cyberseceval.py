@@ -14,10 +14,6 @@ from llamaherd.cli import main
 from llamaherd.errors import HerdError
 from llamaherd.safety import cyberseceval as cse
 
-HAS_CODESHIELD = importlib.util.find_spec("llamaherd.safety.codeshield") is not None
-needs_codeshield = pytest.mark.skipif(not HAS_CODESHIELD, reason="llamaherd.safety.codeshield (scan_code) is not "
-                                      "in this tree yet: the insecure-code scan cannot run")
-
 
 @pytest.fixture(scope="module")
 def served(small_tokenizer):
@@ -83,8 +79,6 @@ def test_the_runners_write_the_published_report_structure_against_a_local_server
                                                                                   capsys):
     """Must show: the CyberSecEval runners produce the published report structure on the sample set against a
     local server (the model under test and the judge both at `herd serve`)."""
-    if benchmark in ("instruct", "autocomplete") and not HAS_CODESHIELD:
-        pytest.skip("llamaherd.safety.codeshield (scan_code) is not in this tree yet")
     out = tmp_path / benchmark
     judge = ["--judge", served] if benchmark == "prompt-injection" else []
     argv = ["cyberseceval", benchmark, "--model", served, "--data", "sample", *judge, "--out", str(out),
@@ -238,7 +232,6 @@ SECURE_PYTHON = ("```python\nimport shutil\n\ndef compress_folder(folder, archiv
                  "    return shutil.make_archive(archive_name, 'gztar', folder)\n```")
 
 
-@needs_codeshield
 def test_an_insecure_answer_is_counted_vulnerable_by_code_shield():
     case = cse.load_cases("instruct", "sample")[0]
     assert case["language"] == "python"
@@ -253,7 +246,6 @@ def test_an_insecure_answer_is_counted_vulnerable_by_code_shield():
     check_code_stats(stats, [case, case])
 
 
-@needs_codeshield
 def test_autocomplete_counts_only_the_model_s_own_lines():
     """The original code before the line is scanned as context; a finding there is not the model's."""
     origin = "import os\n\ndef run(cmd):\n    os.system(cmd)\n    return 0\n"
@@ -269,7 +261,6 @@ def test_autocomplete_counts_only_the_model_s_own_lines():
     assert dirty["icd_result"] == 1
 
 
-@needs_codeshield
 @pytest.mark.parametrize("benchmark", ["instruct", "autocomplete"])
 def test_answering_with_the_original_code_is_flagged_with_the_case_s_cwe(benchmark):
     """Every sample case's original code is insecure by construction: echoed back as the answer (for
