@@ -30,6 +30,17 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, axes, path: Path) -> Path:
+    """Grid and legend on each of ``axes``, then the figure written to ``path`` and closed."""
+    for ax in axes:
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def _suffix(mix: str) -> str:
     return f"-{mix}" if mix else ""
 
@@ -61,12 +72,7 @@ def plot_isoflops(runs: list[Run], fit: dict, path: Path, flops_per_param_token:
     ax.set_ylabel("validation loss (nats/token)")
     title = "IsoFLOP profiles: parabolas (approach 2), dashed: L(N, D) (approach 3), stars: minima"
     ax.set_title(title + (f"\nmix {fit['mix']}" if fit.get("mix") else ""), fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, [ax], path)
 
 
 def plot_optimal(fits: list[dict], path: Path, at_flops=()) -> Path | None:
@@ -103,12 +109,7 @@ def plot_optimal(fits: list[dict], path: Path, at_flops=()) -> Path | None:
         ax.set_yscale("log")
         ax.set_xlabel("training FLOPs C")
         ax.set_ylabel(label)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, axes, path)
 
 
 def _band(ax, approach: dict, key: str, color, label: str) -> None:
@@ -145,12 +146,7 @@ def plot_tokens(fits: list[dict], path: Path) -> Path | None:
     ax.set_ylabel("predicted loss (nats/token)")
     ax.set_title("Loss past the compute-optimal tokens (dots), approach 3;\ndotted: the limit E + A/N^alpha of "
                  "infinite data", fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, [ax], path)
 
 
 def _iv(boot: dict | None, key: str, fmt: str = "{:.3g}") -> str:
@@ -286,10 +282,4 @@ def plot_task(points, result: dict, path: Path) -> Path | None:
     a1.set_ylabel("normalised NLL of the correct answer")
     a2.set_xlabel("normalised NLL of the correct answer")
     a2.set_ylabel("accuracy")
-    for ax in (a1, a2):
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, (a1, a2), path)

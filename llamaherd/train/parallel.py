@@ -193,9 +193,7 @@ def parallelize(model: Transformer, cfg: RunConfig, dist=None) -> Transformer:
     ``train.ac_policy``), compile (``train.compile``), FSDP; returns it."""
     ac_policy(cfg.train.ac_policy)  # a bad value fails even where checkpointing is off
     if cfg.train.float8:
-        if dist is not None and dist.tp_mesh is not None:
-            raise HerdError("train.float8=true with tensor parallel: float8 tensor parallel is not wired; "
-                            "expected parallel.tp=1")
+        check_float8(cfg)
         apply_float8(model)
     if dist is not None and dist.tp_mesh is not None:
         apply_tp(model, dist.tp_mesh, cfg.parallel.loss_parallel)
